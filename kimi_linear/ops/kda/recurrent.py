@@ -1,0 +1,52 @@
+"""KDA decode step on a state pool (continuous batching), PyTorch implementation.
+
+Forward only. Each of N sequences owns one slot of a state pool; ``state_indices`` maps sequence n to its
+slot, and the slot is updated in place, so a server can keep states of many requests in one tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kimi_linear.ops.kda.gate import prepare_kda_inputs
+from kimi_linear.ops.kda.naive import naive_recurrent_kda
+
+
+@torch.no_grad()
+def fused_recurrent_kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+    scale: float | None = None,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    lower_bound: float | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+) -> torch.Tensor:
+    """Advance N sequences by T tokens (usually 1).
+
+    q, k, g ``[N, T, H, K]``; v ``[N, T, H, V]``; beta ``[N, T, H]`` (gate/norm/sigmoid options as in
+    ``chunk_kda``); state_pool ``[P, H, K, V]`` fp32, updated in place at rows ``state_indices`` ``[N]`` (int).
+    Returns o ``[N, T, H, V]`` in v's dtype.
+    """
+    if state_indices.dim() != 1 or state_indices.numel() != q.shape[0]:
+        raise ValueError(f"state_indices must be [N] with N = {q.shape[0]}, got {tuple(state_indices.shape)}")
+    if state_pool.dim() != 4 or state_pool.dtype != torch.float32:
+        raise ValueError(f"state_pool must be a 4-D fp32 tensor [P, H, K, V], got {state_pool.dtype} "
+                         f"{tuple(state_pool.shape)}")
+    q, k, g, beta = prepare_kda_inputs(
+        q, k, g, beta, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+    )
+    idx = state_indices.long()
+    o, final = naive_recurrent_kda(
+        q, k, v, g, beta, scale=scale, initial_state=state_pool[idx], output_final_state=True
+    )
+    state_pool[idx] = final
+    return o
