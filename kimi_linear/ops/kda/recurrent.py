@@ -1,15 +1,45 @@
 """KDA decode step on a state pool (continuous batching), PyTorch implementation.
 
 Forward only. Each of N sequences owns one slot of a state pool; ``state_indices`` maps sequence n to its
-slot, and the slot is updated in place, so a server can keep states of many requests in one tensor.
+slot, and the slot is updated in place, so a server can keep states of many requests in one tensor. A negative
+slot index marks a padding row (a batch padded to a CUDA-graph size): its state is neither read nor written and
+its output is zeros.
+
+Backend: CUDA tensors go to the fused Triton kernel (:mod:`kimi_linear.ops.kda.triton_recurrent`), everything
+else to PyTorch. The environment variable ``KIMI_LINEAR_KDA_BACKEND`` (``auto``, ``torch`` or ``triton``), read at
+every call, overrides that: ``torch`` forces the PyTorch path, ``triton`` the kernel (on the CPU it then needs
+``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from kimi_linear.ops.kda.gate import prepare_kda_inputs
 from kimi_linear.ops.kda.naive import naive_recurrent_kda
+
+BACKEND_ENV = "KIMI_LINEAR_KDA_BACKEND"
+
+
+def kda_backend() -> str:
+    """The KDA backend requested through ``KIMI_LINEAR_KDA_BACKEND``: ``auto`` (default), ``torch`` or ``triton``."""
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"{BACKEND_ENV} must be auto, torch or triton, got {choice!r}")
+    return choice
+
+
+def _use_triton(q: torch.Tensor, v: torch.Tensor) -> bool:
+    choice = kda_backend()
+    if choice == "auto":
+        if not q.is_cuda:
+            return False
+        from kimi_linear.ops.kda import triton_recurrent
+
+        return triton_recurrent.supports(q, v)
+    return choice == "triton"
 
 
 @torch.no_grad()
@@ -33,8 +63,16 @@ def fused_recurrent_kda(
 
     q, k, g ``[N, T, H, K]``; v ``[N, T, H, V]``; beta ``[N, T, H]`` (gate/norm/sigmoid options as in
     ``chunk_kda``); state_pool ``[P, H, K, V]`` fp32, updated in place at rows ``state_indices`` ``[N]`` (int).
-    Returns o ``[N, T, H, V]`` in v's dtype.
+    Returns o ``[N, T, H, V]`` in v's dtype. Slot indices must be distinct apart from negative (padding) ones.
     """
+    if _use_triton(q, v):
+        from kimi_linear.ops.kda.triton_recurrent import fused_recurrent_kda_triton
+
+        return fused_recurrent_kda_triton(
+            q, k, v, g, beta, state_pool=state_pool, state_indices=state_indices, scale=scale, A_log=A_log,
+            dt_bias=dt_bias, lower_bound=lower_bound, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+        )
     if state_indices.dim() != 1 or state_indices.numel() != q.shape[0]:
         raise ValueError(f"state_indices must be [N] with N = {q.shape[0]}, got {tuple(state_indices.shape)}")
     if state_pool.dim() != 4 or state_pool.dtype != torch.float32:
@@ -44,9 +82,10 @@ def fused_recurrent_kda(
         q, k, g, beta, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
     )
-    idx = state_indices.long()
+    valid = state_indices >= 0
+    idx = state_indices.long().clamp(min=0)
     o, final = naive_recurrent_kda(
         q, k, v, g, beta, scale=scale, initial_state=state_pool[idx], output_final_state=True
     )
-    state_pool[idx] = final
-    return o
+    state_pool[idx[valid]] = final[valid]
+    return o.masked_fill(~valid[:, None, None, None], 0)

@@ -1,0 +1,168 @@
+"""KDA decode step on a state pool, as one fused Triton kernel (forward only).
+
+Same contract as :func:`kimi_linear.ops.kda.recurrent.fused_recurrent_kda`: N sequences advance by T tokens
+(usually 1), each reading and writing its state row ``state_pool[state_indices[n]]`` in place. The gate
+activation, the q/k L2 norm and the beta sigmoid are computed in-kernel.
+
+Work split: one program per (sequence, head, block of BV value columns). The delta rule couples all K rows of
+the state through ``S^T k``, but value columns are independent, so splitting V is free: each program keeps its
+``[K, BV]`` fp32 state tile in registers across the T tokens, reads it once and writes it once. Small batches
+use narrow BV to put enough programs on the GPU; large batches use wide BV to cut per-program overhead.
+
+The launch does no host synchronisation, reads no tensor values on the host and allocates only the output, so
+it can be captured in a CUDA graph. A negative slot index marks a padding row: its state is neither read nor
+written and its output is zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Gate modes of the kernel (a constexpr): g is already the log-decay, the released softplus gate, or the
+# bounded sigmoid gate.
+_GATE_NONE, _GATE_SOFTPLUS, _GATE_BOUNDED = 0, 1, 2
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x) without overflow: max(x, 0) + log(1 + e^-|x|).
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _kda_decode_kernel(
+    q, k, v, g, beta, o, pool, slots, A_log, dt_bias,
+    scale, lower_bound, stride_pool,
+    T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr,
+):
+    """One program: sequence n, head h, value columns [i_v * BV, (i_v + 1) * BV), all T tokens."""
+    pid = tl.program_id(0).to(tl.int64)
+    i_v = pid % (V // BV)
+    i_nh = pid // (V // BV)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    slot = tl.load(slots + i_n).to(tl.int64)
+    if slot < 0:
+        for t in range(T):
+            tl.store(o + ((i_n * T + t) * H + i_h) * V + o_v, tl.zeros([BV], dtype=o.dtype.element_ty))
+    else:
+        p_state = pool + slot * stride_pool + i_h * K * V + o_k[:, None] * V + o_v[None, :]
+        state = tl.load(p_state)
+        if GATE != 0:
+            a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+            bias = tl.load(dt_bias + i_h * K + o_k).to(tl.float32)
+        for t in range(T):
+            row = (i_n * T + t) * H + i_h
+            b_q = tl.load(q + row * K + o_k).to(tl.float32)
+            b_k = tl.load(k + row * K + o_k).to(tl.float32)
+            b_g = tl.load(g + row * K + o_k).to(tl.float32)
+            b_v = tl.load(v + row * V + o_v).to(tl.float32)
+            b_beta = tl.load(beta + row).to(tl.float32)
+            if L2NORM:
+                b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q) + 1e-6)
+                b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k) + 1e-6)
+            if GATE == 1:
+                b_g = -a * _softplus(b_g + bias)
+            elif GATE == 2:
+                b_g = lower_bound * tl.sigmoid(a * (b_g + bias))
+            if BETA_SIGMOID:
+                b_beta = tl.sigmoid(b_beta)
+            b_q = b_q * scale
+            state = state * tl.exp(b_g)[:, None]
+            # Both reductions read the decayed state, so they run side by side: with S' = S + k r^T,
+            # S'^T q = S^T q + (k . q) r needs no second pass over the updated state.
+            s_k = tl.sum(state * b_k[:, None], 0)
+            s_q = tl.sum(state * b_q[:, None], 0)
+            r = (b_v - s_k) * b_beta
+            state = state + b_k[:, None] * r[None, :]
+            b_o = s_q + tl.sum(b_k * b_q) * r
+            tl.store(o + row * V + o_v, b_o.to(o.dtype.element_ty))
+        tl.store(p_state, state)
+
+
+def _launch_config(n_rows: int, V: int) -> tuple[int, int]:
+    """(BV, num_warps) for N*H (sequence, head) rows: narrow value blocks when there are few rows."""
+    if n_rows >= 2048:
+        bv = 32
+    elif n_rows >= 256:
+        bv = 16
+    else:
+        bv = 8
+    return min(bv, V), 4 if bv >= 32 else 2
+
+
+def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel handles these head sizes (powers of two, at least 8: no masks in the hot loop)."""
+    K, V = q.shape[-1], v.shape[-1]
+    return all(d >= 8 and d & (d - 1) == 0 for d in (K, V))
+
+
+@torch.no_grad()
+def fused_recurrent_kda_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+    scale: float | None = None,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    lower_bound: float | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    config: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Advance N sequences by T tokens; see :func:`kimi_linear.ops.kda.recurrent.fused_recurrent_kda`.
+
+    q, k, g ``[N, T, H, K]``; v ``[N, T, H, V]``; beta ``[N, T, H]`` (any float dtypes; computed in fp32);
+    state_pool ``[P, H, K, V]`` fp32 whose rows are contiguous (a slice of a larger cache is fine);
+    state_indices ``[N]`` int32/int64, distinct except for negative entries (padding rows). A_log ``[H]``,
+    dt_bias ``[H * K]``. Returns o ``[N, T, H, V]`` in v's dtype. Indices are not checked against P on the
+    device (that would need a host sync): an index >= P is out of bounds. T is a compile-time constant of
+    the kernel (one compilation per distinct T). ``config`` overrides (BV, num_warps), for benchmarking.
+    """
+    N, T, H, K = q.shape
+    V = v.shape[-1]
+    if k.shape != q.shape or g.shape != q.shape or v.shape[:3] != (N, T, H) or beta.shape != (N, T, H):
+        raise ValueError(f"expected q, k, g [N, T, H, K], v [N, T, H, V], beta [N, T, H]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, g {tuple(g.shape)}, v {tuple(v.shape)}, beta {tuple(beta.shape)}")
+    if not supports(q, v):
+        raise ValueError(f"head sizes must be powers of two >= 8, got K = {K}, V = {V}")
+    if state_pool.dtype != torch.float32 or state_pool.shape[1:] != (H, K, V) or not state_pool[0].is_contiguous():
+        raise ValueError(f"state_pool must be fp32 [P, {H}, {K}, {V}] with contiguous rows, got "
+                         f"{state_pool.dtype} {tuple(state_pool.shape)} strides {state_pool.stride()}")
+    if state_indices.shape != (N,) or state_indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"state_indices must be int32/int64 [N = {N}], got {state_indices.dtype} "
+                         f"{tuple(state_indices.shape)}")
+    if A_log is None:
+        if lower_bound is not None:
+            raise ValueError("lower_bound applies to the in-kernel gate only: pass A_log and dt_bias too")
+        gate = _GATE_NONE
+    else:
+        if dt_bias is None:
+            raise ValueError("A_log was given without dt_bias: the in-kernel gate needs both")
+        if A_log.numel() != H or dt_bias.numel() != H * K:
+            raise ValueError(f"A_log must have H = {H} elements and dt_bias H * K = {H * K}, got "
+                             f"{A_log.numel()} and {dt_bias.numel()}")
+        gate = _GATE_SOFTPLUS if lower_bound is None else _GATE_BOUNDED
+        A_log, dt_bias = A_log.contiguous(), dt_bias.contiguous()
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    o = torch.empty_like(v)
+    if N * T == 0:
+        return o
+    bv, num_warps = config or _launch_config(N * H, V)
+    _kda_decode_kernel[(N * H * (V // bv),)](
+        q, k, v, g, beta, o, state_pool, state_indices.contiguous(), A_log, dt_bias,
+        K**-0.5 if scale is None else scale, 0.0 if lower_bound is None else lower_bound, state_pool.stride(0), T,
+        H=H, K=K, V=V, BV=bv, GATE=gate, L2NORM=use_qk_l2norm_in_kernel, BETA_SIGMOID=use_beta_sigmoid_in_kernel,
+        num_warps=num_warps,
+    )
+    return o
