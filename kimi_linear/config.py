@@ -134,7 +134,8 @@ class KimiLinearConfig:
             raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
         if self.moe_router_activation_func not in ROUTER_ACTIVATIONS:
             raise ValueError(
-                f"moe_router_activation_func must be one of {ROUTER_ACTIVATIONS}, got {self.moe_router_activation_func!r}"
+                f"moe_router_activation_func must be one of {ROUTER_ACTIVATIONS}, "
+                f"got {self.moe_router_activation_func!r}"
             )
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(

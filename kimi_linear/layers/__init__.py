@@ -1,0 +1,1 @@
+"""The model's building blocks: KDA, MLA, MoE / MLP, RMSNorm and the decoder layer."""

@@ -1,0 +1,1 @@
+"""Compute ops: each has a pure-PyTorch implementation (CPU and reference) and, where it pays, a kernel."""

@@ -1,0 +1,96 @@
+"""Mixture-of-Experts routing and expert compute over stacked expert weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def route(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    correction_bias: torch.Tensor,
+    *,
+    top_k: int,
+    num_expert_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sigmoid router with a selection-only correction bias (DeepSeek-V3 semantics).
+
+    x ``[N, D]``; gate_weight ``[E, D]``; correction_bias ``[E]``. The bias picks the experts but the weights
+    are gathered from the unbiased scores (as vLLM, SGLang and transformers do), renormalised to sum 1 and
+    scaled by ``routed_scaling_factor``. Group-limited selection keeps the ``topk_group`` groups whose two best
+    biased scores sum highest (a no-op with one group).
+    Returns (weights ``[N, k]`` fp32, indices ``[N, k]`` int64, scores ``[N, E]`` fp32).
+    """
+    scores = torch.sigmoid(F.linear(x.float(), gate_weight.float()))
+    choice = scores.detach() + correction_bias.float()
+    if num_expert_group > 1:
+        n, e = choice.shape
+        grouped = choice.view(n, num_expert_group, e // num_expert_group)
+        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(1, group_score.topk(topk_group, dim=-1).indices, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(n, e)
+    indices = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, indices, scores
+
+
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert, ``counts[e]`` rows for expert e: y_rows(e) = x_rows(e) @ weight[e]^T.
+
+    x ``[M, in]``; weight ``[E, out, in]``. Uses ``torch._grouped_mm`` on CUDA (bf16, 16-byte aligned dims),
+    where it runs as one kernel; elsewhere a loop over the experts that received tokens.
+    """
+    E, out_dim, in_dim = weight.shape
+    if (x.is_cuda and x.dtype == torch.bfloat16 and in_dim % 8 == 0 and out_dim % 8 == 0
+            and hasattr(torch, "_grouped_mm")):
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    parts = [x_e @ weight[e].t() for e, x_e in enumerate(x.split(counts.tolist())) if x_e.shape[0]]
+    return torch.cat(parts) if parts else x.new_zeros(0, out_dim)
+
+
+def moe_experts(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """``y_n = sum_j weights[n, j] * Expert_{indices[n, j]}(x_n)`` with SwiGLU experts.
+
+    x ``[N, D]``; gate_up_proj ``[E, 2I, D]`` (gate rows first, then up); down_proj ``[E, D, I]``;
+    indices, weights ``[N, k]``. Token copies are sorted by expert so each expert runs one matmul.
+    """
+    N, k = indices.shape
+    E = gate_up_proj.shape[0]
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    token = order // k
+    counts = torch.bincount(flat, minlength=E)
+    offsets = counts.cumsum(0).to(torch.int32)
+    h = _grouped_linear(x[token], gate_up_proj, counts, offsets)
+    gate, up = h.chunk(2, dim=-1)
+    out = _grouped_linear(F.silu(gate) * up, down_proj, counts, offsets)
+    out = out * weights.reshape(-1)[order, None].to(out.dtype)
+    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, averaged over sequences.
+
+    scores ``[B, T, E]`` (router sigmoid scores); indices ``[B, T, k]``. Per sequence:
+    ``sum_i f_i * P_i`` with ``f_i = E / (k T) * #(tokens routed to i)`` and ``P_i`` the mean of the scores
+    normalised over experts. Equals 1 for perfectly uniform routing.
+    """
+    B, T, k = indices.shape
+    load = torch.zeros(B, num_experts, device=scores.device, dtype=scores.dtype)
+    load.scatter_add_(1, indices.reshape(B, -1), torch.ones_like(indices.reshape(B, -1), dtype=scores.dtype))
+    f = load * num_experts / (k * T)
+    p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+    return (f * p).sum(-1).mean()
