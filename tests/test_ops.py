@@ -1,0 +1,101 @@
+"""PyTorch ops against direct, naive formulations (fp64)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kimi_linear.ops.conv import causal_conv1d
+from kimi_linear.ops.moe import moe_experts, route, sequence_balance_loss
+from kimi_linear.ops.norm import gated_rms_norm, rms_norm
+
+f64 = torch.float64
+
+
+def naive_conv(x, w, state=None):
+    """Per token, per channel: sum_j w[:, W-1-j] * x[t-j], with the state (or zeros) before the start."""
+    B, T, D = x.shape
+    W = w.shape[1]
+    ext = torch.cat([state.transpose(1, 2) if state is not None else x.new_zeros(B, W - 1, D), x], 1)
+    y = torch.stack([(ext[:, t:t + W] * w.t()).sum(1) for t in range(T)], 1)
+    return F.silu(y), ext[:, -(W - 1):].transpose(1, 2)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 9])
+def test_conv_with_state_matches_naive(T):
+    x, w, s = torch.randn(2, T, 6, dtype=f64), torch.randn(6, 4, dtype=f64), torch.randn(2, 6, 3, dtype=f64)
+    y, final = causal_conv1d(x, w, initial_state=s, output_final_state=True)
+    ref_y, ref_final = naive_conv(x, w, s)
+    assert torch.allclose(y, ref_y) and torch.equal(final, ref_final)
+    y0, _ = causal_conv1d(x, w)
+    assert torch.allclose(y0, naive_conv(x, w)[0])
+
+
+def test_conv_varlen_matches_per_sequence_and_grads():
+    lengths = [5, 1, 2, 8]
+    xs = [torch.randn(1, n, 6, dtype=f64, requires_grad=True) for n in lengths]
+    states = torch.randn(len(lengths), 6, 3, dtype=f64, requires_grad=True)
+    w = torch.randn(6, 4, dtype=f64, requires_grad=True)
+    cu = torch.tensor([0, 5, 6, 8, 16])
+    y, final = causal_conv1d(torch.cat(xs, 1), w, initial_state=states, output_final_state=True, cu_seqlens=cu)
+    refs = [naive_conv(x, w, states[i:i + 1]) for i, x in enumerate(xs)]
+    assert torch.allclose(y, torch.cat([r[0] for r in refs], 1))
+    assert torch.allclose(final, torch.cat([r[1] for r in refs]))
+    assert torch.autograd.gradcheck(
+        lambda x, s, w: causal_conv1d(x, w, initial_state=s, output_final_state=True, cu_seqlens=cu),
+        (torch.cat(xs, 1).detach().requires_grad_(), states, w))
+
+
+def test_norms():
+    x, g, w = torch.randn(3, 8, dtype=f64), torch.randn(3, 8, dtype=f64), torch.randn(8, dtype=f64)
+    assert torch.allclose(rms_norm(x, w, 1e-5), w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5))
+    ref = w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * torch.sigmoid(g)
+    assert torch.allclose(gated_rms_norm(x, g, w, 1e-5), ref)
+    half = x.to(torch.bfloat16)
+    assert rms_norm(half, w.to(torch.bfloat16), 1e-5).dtype == torch.bfloat16
+
+
+def test_routing_uses_bias_for_selection_only():
+    x, gate = torch.randn(64, 16, dtype=f64), torch.randn(8, 16, dtype=f64)
+    bias = torch.zeros(8, dtype=torch.float32)
+    bias[3] = 10.0  # forces expert 3 into every selection
+    weights, idx, scores = route(x, gate, bias, top_k=2, routed_scaling_factor=2.5)
+    assert (idx == 3).any(-1).all()
+    s = torch.sigmoid(x.float() @ gate.float().t())
+    expected = s.gather(1, idx) / s.gather(1, idx).sum(-1, keepdim=True) * 2.5
+    assert torch.allclose(weights, expected, atol=1e-6) and torch.allclose(scores, s)
+
+
+def test_group_limited_routing():
+    x, gate = torch.randn(32, 16), torch.randn(8, 16)
+    _, idx, scores = route(x, gate, torch.zeros(8), top_k=2, num_expert_group=4, topk_group=1)
+    assert ((idx // 2)[:, 0] == (idx // 2)[:, 1]).all()  # both experts from the single kept group
+    best_group = scores.view(32, 4, 2).sum(-1).argmax(-1)
+    assert torch.equal(idx[:, 0] // 2, best_group)
+
+
+def test_experts_match_a_loop_over_tokens():
+    N, D, I, E, k = 20, 8, 6, 5, 2
+    x = torch.randn(N, D, dtype=f64, requires_grad=True)
+    gu, down = torch.randn(E, 2 * I, D, dtype=f64), torch.randn(E, D, I, dtype=f64)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
+    idx[:, 0] = 4  # expert 4 busy, some experts idle
+    w = torch.rand(N, k, dtype=f64)
+    y = moe_experts(x, gu, down, idx, w)
+    ref = torch.stack([
+        sum(w[n, j] * (down[e] @ (F.silu(gu[e, :I] @ x[n]) * (gu[e, I:] @ x[n])))
+            for j, e in enumerate(idx[n].tolist()))
+        for n in range(N)
+    ])
+    assert torch.allclose(y, ref)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_balance_loss_is_one_for_uniform_routing():
+    E, k, T = 4, 2, 8
+    idx = torch.tensor([[0, 1], [2, 3]] * (T // 2))[None]
+    scores = torch.full((1, T, E), 0.5)
+    assert torch.allclose(sequence_balance_loss(scores, idx, E), torch.tensor(1.0))
+    skewed = torch.tensor([[0, 1]] * T)[None]
+    peaked = torch.tensor([0.9, 0.9, 0.1, 0.1]).expand(1, T, E)
+    assert torch.allclose(sequence_balance_loss(peaked, skewed, E), torch.tensor(1.8))  # f = 2, 2, 0, 0
