@@ -1,0 +1,142 @@
+"""``kimi-linear`` command line: ``info``, ``generate``, ``train``, ``plot``.
+
+Bad input (missing files, malformed config, impossible arguments) prints one ``error:`` line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from kimi_linear.cache import cache_bytes
+from kimi_linear.config import PRESETS, KimiLinearConfig
+from kimi_linear.errors import UserError
+from kimi_linear.model import KimiLinearForCausalLM
+
+
+def _config_from_args(args: argparse.Namespace) -> KimiLinearConfig:
+    if args.model is not None:
+        return KimiLinearConfig.from_pretrained(_model_dir(args.model))
+    return KimiLinearConfig.from_preset(args.preset)
+
+
+def _model_dir(path: str) -> str:
+    if not os.path.isdir(path):
+        raise UserError(f"model directory {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{path!r} has no config.json: expected a model directory in the Hugging Face layout")
+    return path
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    with torch.device("meta"):
+        model = KimiLinearForCausalLM(config)
+    per_token, per_sequence = cache_bytes(config, dtype_bytes=2)
+    types = config.layer_types
+    print(f"layers:                 {len(types)} ({types.count('kda')} KDA, {types.count('mla')} MLA): "
+          + "".join("M" if t == "mla" else "k" for t in types))
+    print(f"total parameters:       {model.num_parameters():,}")
+    print(f"activated parameters:   {model.num_activated_parameters():,} per token (excl. input embedding)")
+    print(f"MLA cache (bf16):       {per_token:,} bytes per token")
+    print(f"KDA state (fp32+bf16):  {per_sequence:,} bytes per sequence ({per_sequence / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kimi_linear.generation import generate_stream
+    from kimi_linear.tokenizer import load_tokenizer
+
+    if args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    directory = _model_dir(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
+    model = KimiLinearForCausalLM.from_pretrained(directory, dtype=dtype, device=device).eval()
+    tokenizer = load_tokenizer(directory)
+    if args.chat:
+        if not hasattr(tokenizer, "encode_chat"):
+            raise UserError("--chat needs the model's tiktoken.model tokenizer; this directory has none")
+        ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        bos = tokenizer.bos_token_id
+        ids = ([bos] if bos is not None else []) + tokenizer.encode(args.prompt)
+    if not ids:
+        raise UserError("the prompt is empty")
+    if max(ids) >= model.config.vocab_size:
+        raise UserError(f"the prompt encodes to token id {max(ids)}, outside the model's vocabulary of "
+                        f"{model.config.vocab_size}: the tokenizer does not match this model")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    prompt = torch.tensor([ids], device=device)
+    eos = [t for t in (tokenizer.eos_token_id,) if t is not None] + model.config.eos_token_ids
+    out: list[int] = []
+    printed = ""
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    for token in generate_stream(model, prompt, args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, generator=generator):
+        out.append(int(token[0]))
+        text = tokenizer.decode(out)
+        if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kimi-linear", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="parameter counts and cache sizes of a preset or model directory")
+    source = info.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(PRESETS))
+    source.add_argument("--model", help="model directory (config.json)")
+    info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="stream a continuation of a prompt")
+    gen.add_argument("--model", required=True, help="model directory in the Hugging Face layout")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the Kimi chat format")
+    gen.add_argument("--device", help="default: cuda if available, else cpu")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    gen.set_defaults(func=cmd_generate)
+
+    from kimi_linear.train import cli as train_cli
+
+    train = sub.add_parser("train", help="train a model (no arguments: the tiny preset on the built-in corpus)")
+    train_cli.add_train_arguments(train)
+    train.set_defaults(func=train_cli.run_train)
+    plot = sub.add_parser("plot", help="plot the loss and throughput curves of a training run")
+    train_cli.add_plot_arguments(plot)
+    plot.set_defaults(func=train_cli.run_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+        message = str(e).strip().splitlines()
+        print(f"error: {message[0] if message else type(e).__name__}", file=sys.stderr)
+        for line in message[1:]:
+            print(f"  {line.strip()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
