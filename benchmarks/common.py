@@ -1,0 +1,63 @@
+"""Shared pieces of the benchmarks: device ceilings, environment record, result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    """Device and software versions, and the exact command, for the results file."""
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def copy_bandwidth_tbps(n_bytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate, counting bytes read plus bytes written."""
+    from triton.testing import do_bench
+
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * n_bytes / ms / 1e9
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """bf16 matmul rate on random data."""
+    from triton.testing import do_bench
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    return 2 * n**3 / ms / 1e9
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, meta: dict, rows: list[dict], table: str, results_dir: Path = RESULTS) -> None:
+    """``{name}.json`` (meta + rows) and ``{name}.md`` (meta + table) under ``results_dir``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
+    (results_dir / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{table}\n")
