@@ -1,0 +1,141 @@
+"""Training checkpoints: the model in Hugging Face layout plus everything an exact resume needs.
+
+Layout of a run directory ``runs/<name>/``::
+
+    config.json, model.safetensors    the latest checkpoint's model (loadable with from_pretrained / generate)
+    metrics.jsonl                     the metrics log
+    checkpoint/                       the latest complete checkpoint:
+        config.json, model.safetensors    model (HF layout; fp32 master weights, router biases included)
+        trainer_state.json                step, data position, the training config
+        trainer_optimizer.rank{r}.pt      rank r's optimizer state (its shards)
+        trainer_rng.rank{r}.pt            rank r's RNG states
+
+Crash safety: a checkpoint is written whole into ``checkpoint.tmp/``, then swapped in by renames
+(``checkpoint`` -> ``checkpoint.prev``, ``checkpoint.tmp`` -> ``checkpoint``, delete ``checkpoint.prev``); a crash
+at any point leaves either ``checkpoint`` or ``checkpoint.prev`` complete, and :func:`find_checkpoint` takes
+whichever survives. The top-level model files are then replaced one by one with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from kimi_linear.errors import UserError
+from kimi_linear.model import KimiLinearForCausalLM
+
+STATE_FILE = "trainer_state.json"
+TRAINER_PREFIX = "trainer_"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on CPU (collective: every rank must call it). FSDP shards are all-gathered;
+    expert-parallel blocks are all-gathered and concatenated along the expert dimension."""
+    expert_parallel = {n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)}
+    state = {}
+    for name, t in model.state_dict().items():
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        elif name in expert_parallel:
+            blocks = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+            dist.all_gather(blocks, t.contiguous())
+            t = torch.cat(blocks)
+        state[name] = t.detach().cpu()
+    return state
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _replace_file(src: Path, dst: Path) -> None:
+    """Atomically make ``dst`` a copy (hard link where possible) of ``src``."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict, rank: int) -> None:
+    """Write a complete checkpoint atomically (collective under torch.distributed; see the module docstring)."""
+    run_dir = Path(run_dir)
+    tmp, final, prev = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.prev"
+    state = full_state_dict(model)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    try:
+        torch.save(optimizer.state_dict(), tmp / f"{TRAINER_PREFIX}optimizer.rank{rank}.pt")
+        torch.save(rng_state(), tmp / f"{TRAINER_PREFIX}rng.rank{rank}.pt")
+        if rank == 0:
+            with torch.device("meta"):
+                holder = KimiLinearForCausalLM(model.config)
+            holder.load_state_dict(state, assign=True)
+            holder.save_pretrained(tmp)
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(prev, ignore_errors=True)
+        if final.exists():
+            final.rename(prev)
+        tmp.rename(final)
+        shutil.rmtree(prev, ignore_errors=True)
+        for f in sorted(final.iterdir()):
+            if not f.name.startswith(TRAINER_PREFIX):
+                _replace_file(f, run_dir / f.name)
+    _barrier()
+
+
+def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The latest complete checkpoint directory of a run, or None."""
+    for candidate in ("checkpoint", "checkpoint.prev"):
+        path = Path(run_dir) / candidate
+        if (path / STATE_FILE).is_file():
+            return path
+    return None
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def load_rank_state(checkpoint: Path, optimizer: torch.optim.Optimizer, rank: int) -> None:
+    """Restore this rank's optimizer and RNG states."""
+    files = [checkpoint / f"{TRAINER_PREFIX}{kind}.rank{rank}.pt" for kind in ("optimizer", "rng")]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"checkpoint {checkpoint} lacks {', '.join(missing)}: was it saved with fewer processes?")
+    optimizer.load_state_dict(torch.load(files[0], weights_only=False))
+    set_rng_state(torch.load(files[1], weights_only=False))

@@ -1,0 +1,290 @@
+"""The training loop: configuration, setup (model, data, parallelism, optimizer), steps, validation, checkpoints.
+
+One step: global batch ``step`` of the packed data (this rank's rows) -> forward under bf16 autocast (GPU) or fp32
+(CPU) -> backward -> clip the global gradient norm -> Muon/AdamW step at the scheduled learning rate -> router
+bias update from the global expert load. Everything that influences a step is a function of (checkpointed
+weights, optimizer state, step), so resuming from a checkpoint continues the loss curve exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from kimi_linear.config import KimiLinearConfig
+from kimi_linear.errors import UserError
+from kimi_linear.model import KimiLinearForCausalLM
+from kimi_linear.tokenizer import ByteTokenizer
+from kimi_linear.train.balance import expert_loads, load_imbalance, update_router_bias
+from kimi_linear.train.checkpointing import find_checkpoint, load_rank_state, load_trainer_state, save_checkpoint
+from kimi_linear.train.data import PackedData, prepare_data, unigram_bits_per_token
+from kimi_linear.train.distributed import DistEnv, apply_expert_parallel, apply_fsdp, clip_grad_norm, init_distributed
+from kimi_linear.train.metrics import MetricsLog, peak_flops, train_flops_per_token
+from kimi_linear.train.muon import build_optimizer
+from kimi_linear.train.schedule import Schedule, set_lr
+
+LN2 = math.log(2)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. ``RESUME_KEYS`` must match when resuming; the rest may change."""
+
+    name: str = "tiny-stdlib"
+    runs_dir: str = "runs"
+    preset: str = "tiny"
+    model_config: str | None = None  # path to a config.json / model dir; replaces the preset
+    data: list[str] = field(default_factory=list)  # files / directories; empty: the stdlib corpus
+    seq_len: int = 256
+    batch_size: int = 16  # rows per optimizer step, all ranks together
+    steps: int = 500
+    lr: float = 3e-3
+    schedule: str = "wsd"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.3
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    balance_gamma: float = 1e-3
+    balance_loss_coef: float = 0.0
+    val_fraction: float = 0.01
+    val_rows: int = 64
+    eval_every: int = 100
+    save_every: int = 250
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    expert_parallel: bool = False
+    resume: bool = False
+    progress: bool = True
+
+    RESUME_KEYS = ("preset", "model_config", "data", "seq_len", "batch_size", "seed", "val_fraction",
+                   "expert_parallel")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def model_config_for(cfg: TrainConfig) -> KimiLinearConfig:
+    if cfg.model_config is None:
+        return KimiLinearConfig.from_preset(cfg.preset)
+    try:
+        return KimiLinearConfig.from_pretrained(cfg.model_config)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
+
+
+def check_resumable(saved: dict, cfg: TrainConfig, world: int) -> None:
+    """Raise UserError naming every setting that differs from the checkpoint's."""
+    current = cfg.to_dict()
+    diffs = [f"{k}: checkpoint {saved['config'][k]!r}, now {current[k]!r}"
+             for k in TrainConfig.RESUME_KEYS if saved["config"].get(k) != current[k]]
+    if saved["world_size"] != world:
+        diffs.append(f"processes: checkpoint {saved['world_size']}, now {world}")
+    if diffs:
+        raise UserError(f"cannot resume {cfg.run_dir}: the run was started with other settings ({'; '.join(diffs)})")
+
+
+def validate_config(cfg: TrainConfig, env: DistEnv, model_config: KimiLinearConfig) -> None:
+    """Reject inconsistent settings before any work is done."""
+    if cfg.batch_size % env.world:
+        raise UserError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({env.world})")
+    if cfg.expert_parallel and env.world < 2:
+        raise UserError("--expert-parallel needs several processes: launch with torchrun --nproc-per-node N")
+    if cfg.expert_parallel and model_config.num_experts % env.world:
+        raise UserError(f"--expert-parallel needs num_experts ({model_config.num_experts}) divisible by the number "
+                        f"of processes ({env.world})")
+    if cfg.compile and cfg.activation_checkpointing and env.device.type == "cpu":
+        raise UserError("--compile with --activation-checkpointing is not supported on CPU")
+    if model_config.bos_token_id != ByteTokenizer().bos_token_id or model_config.vocab_size < 259:
+        raise UserError("training uses the byte-level tokenizer: the model needs vocab_size >= 259 and "
+                        "bos_token_id 256 (use a byte-level preset such as 'tiny')")
+    for name in ("steps", "seq_len", "eval_every", "save_every", "log_every", "val_rows"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise UserError(f"learning rate must be positive, got {cfg.lr}")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.env = env = init_distributed(cfg.device)
+        self.model_config = model_config_for(cfg)
+        validate_config(cfg, env, self.model_config)
+        try:
+            self.schedule = Schedule(cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.decay_fraction, cfg.min_lr_ratio)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+
+        checkpoint = find_checkpoint(cfg.run_dir)
+        if cfg.resume and checkpoint is None:
+            raise UserError(f"nothing to resume: {cfg.run_dir} holds no checkpoint")
+        if not cfg.resume and checkpoint is not None:
+            raise UserError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, or another --name")
+        saved = load_trainer_state(checkpoint) if cfg.resume else None
+        if saved is not None:
+            check_resumable(saved, cfg, env.world)
+
+        self.tokenizer = ByteTokenizer()
+        self.data: PackedData = prepare_data(cfg.data, self.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed,
+                                             cfg.val_fraction, cfg.val_rows)
+
+        torch.manual_seed(cfg.seed)
+        if saved is None:
+            model = KimiLinearForCausalLM(self.model_config)
+        else:
+            model = KimiLinearForCausalLM.from_pretrained(checkpoint)
+            if model.config.to_dict() != self.model_config.to_dict():
+                raise UserError(f"cannot resume {cfg.run_dir}: its model config differs from the requested one")
+        self.flops_per_token = train_flops_per_token(self.model_config, model.num_activated_parameters(),
+                                                     cfg.seq_len)
+        self.num_parameters = model.num_parameters()
+        model.to(env.device)
+        model.set_activation_checkpointing(cfg.activation_checkpointing)
+        if cfg.expert_parallel:
+            apply_expert_parallel(model)
+        if env.world > 1:
+            apply_fsdp(model, env)
+        self.model = model
+        self.forward = torch.compile(model) if cfg.compile else model
+        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+        self.step = 0
+        if saved is not None:
+            load_rank_state(checkpoint, self.optimizer, env.rank)
+            self.step = saved["step"]
+        self.log = MetricsLog(str(cfg.run_dir / "metrics.jsonl"), enabled=env.is_main)
+        if env.is_main:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            self.log.truncate_after(self.step)
+        self.peak = peak_flops(env.device)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.env.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        value = value.detach()
+        if self.env.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.env.world
+        return float(value)
+
+    def train_step(self) -> dict:
+        cfg, env = self.cfg, self.env
+        lr = cfg.lr * self.schedule(self.step)
+        set_lr(self.optimizer, lr)
+        ids, pos = self.data.train_batch(self.step, env.rank, env.world)
+        ids, pos = ids.to(env.device, non_blocking=True), pos.to(env.device, non_blocking=True)
+        self.model.train()
+        with self.autocast():
+            out = self.forward(ids, labels=ids, position_ids=pos, balance_loss_coef=cfg.balance_loss_coef)
+        out.loss.backward()
+        grad_norm = clip_grad_norm([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        moe = self.model.moe_layers()
+        imbalance = []
+        if moe:
+            loads = expert_loads(moe)
+            update_router_bias(moe, loads, cfg.balance_gamma)
+            imbalance = load_imbalance(loads)
+        self.step += 1
+        return {"loss": self._mean_over_ranks(out.loss), "lr": lr, "grad_norm": float(grad_norm),
+                "imbalance": imbalance}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token cross-entropy (nats) over the validation rows, all ranks together."""
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        for ids, pos in self.data.val_batches(self.cfg.batch_size // self.env.world, self.env.rank, self.env.world):
+            ids, pos = ids.to(self.env.device), pos.to(self.env.device)
+            with self.autocast():
+                out = self.forward(ids, labels=ids, position_ids=pos)
+            count = int((pos[:, 1:] != 0).sum())
+            total += torch.tensor([float(out.loss) * count, count], dtype=torch.float64, device=self.env.device)
+        if self.env.world > 1:
+            dist.all_reduce(total)
+        return float(total[0] / total[1])
+
+    def save(self) -> None:
+        state = {"step": self.step, "rows_consumed": self.step * self.cfg.batch_size, "world_size": self.env.world,
+                 "config": self.cfg.to_dict()}
+        save_checkpoint(self.cfg.run_dir, self.model, self.optimizer, state, self.env.rank)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def train(self, until_step: int | None = None) -> dict:
+        """Train to ``cfg.steps`` (or stop early at ``until_step``, still saving a checkpoint); returns a summary."""
+        cfg, env = self.cfg, self.env
+        stop = min(cfg.steps, until_step or cfg.steps)
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and env.is_main),
+                   dynamic_ncols=True, desc=cfg.name)
+        start, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+        val_loss = None
+        while self.step < stop:
+            metrics = self.train_step()
+            window_steps += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == stop:
+                elapsed = time.perf_counter() - window_start
+                tps = window_steps * tokens_per_step / elapsed
+                mfu = tps * self.flops_per_token / (self.peak * env.world) if self.peak else None
+                record = {"kind": "train", "step": self.step, **metrics, "tokens_per_s": tps, "mfu": mfu,
+                          "tokens": self.step * tokens_per_step}
+                self.log.write(record)
+                postfix = {"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}", "tok/s": f"{tps:,.0f}"}
+                if mfu is not None:
+                    postfix["mfu"] = f"{100 * mfu:.1f}%"
+                bar.set_postfix(postfix)
+                window_start, window_steps = time.perf_counter(), 0
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                val_loss = self.evaluate()
+                self.log.write({"kind": "val", "step": self.step, "val_loss": val_loss,
+                                "val_bits_per_byte": val_loss / LN2})
+                bar.write(f"step {self.step}: val loss {val_loss:.4f} ({val_loss / LN2:.3f} bits/byte)")
+            if self.step % cfg.save_every == 0 or self.step == stop:
+                self.save()
+        bar.close()
+        if val_loss is None:
+            val_loss = self.evaluate()
+        return self.summary(val_loss, time.perf_counter() - start)
+
+    def summary(self, val_loss: float, seconds: float) -> dict:
+        unigram = unigram_bits_per_token(self.data.train_tokens, self.data.val_rows, self.model_config.vocab_size,
+                                         self.tokenizer.bos_token_id)
+        summary = {"kind": "summary", "step": self.step, "val_loss": val_loss, "val_bits_per_byte": val_loss / LN2,
+                   "unigram_bits_per_byte": unigram, "train_seconds": seconds, "parameters": self.num_parameters,
+                   "run_dir": str(self.cfg.run_dir)}
+        self.log.write(summary)
+        return summary
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def summary_line(summary: dict, wall_seconds: float) -> str:
+    return (f"done: {summary['step']} steps in {wall_seconds:.0f}s; val loss {summary['val_loss']:.4f} = "
+            f"{summary['val_bits_per_byte']:.3f} bits/byte vs unigram baseline "
+            f"{summary['unigram_bits_per_byte']:.3f} bits/byte; model saved to {summary['run_dir']}")
+
