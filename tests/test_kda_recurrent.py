@@ -99,13 +99,17 @@ def test_triton_bf16_and_int32_slots():
                dtype=torch.bfloat16)
 
 
-def test_triton_plain_inputs_and_pool_slice():
-    """No in-kernel activations, explicit scale, and a pool that is a slice of a larger cache."""
-    N, T, H, K, V = 2, 1, 2, 8, 16
+@pytest.mark.parametrize("T", [1, 2])
+def test_triton_strided_inputs_plain_gates_and_pool_slice(T):
+    """q, k, v as slices of one fused qkv projection (read in place through a row stride), no in-kernel
+    activations, an explicit scale, and a pool that is a slice of a larger cache."""
+    N, H, K, V = 3, 2, 8, 8
     x, _ = make_inputs(N, T, H, K, V, "log_decay")
+    qkv = torch.randn(N, T, 3 * H * K)
+    x["q"], x["k"], x["v"] = (t.view(N, T, H, K) for t in qkv.chunk(3, dim=-1))
     x["beta"] = x["beta"].sigmoid()
     cache = torch.randn(2, 4, H, K, V)
-    slots = torch.tensor([3, 1])
+    slots = torch.tensor([3, 1, 0])
     opts = dict(use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False)
     o_ref, pool_ref = reference(x, opts, cache[1], slots)
     o = fused_recurrent_kda_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=cache[1],

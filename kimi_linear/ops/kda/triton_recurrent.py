@@ -34,11 +34,15 @@ def _softplus(x):
 @triton.jit
 def _kda_decode_kernel(
     q, k, v, g, beta, o, pool, slots, A_log, dt_bias,
-    scale, lower_bound, stride_pool,
+    scale, lower_bound, stride_pool, s_q, s_k, s_v, s_g, s_beta,
     T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr,
 ):
-    """One program: sequence n, head h, value columns [i_v * BV, (i_v + 1) * BV), all T tokens."""
+    """One program: sequence n, head h, value columns [i_v * BV, (i_v + 1) * BV), all T tokens.
+
+    Token row r = n * T + t of an input starts at ``r * s_<input>``; inside a row the head and feature dims are
+    contiguous. The output is contiguous.
+    """
     pid = tl.program_id(0).to(tl.int64)
     i_v = pid % (V // BV)
     i_nh = pid // (V // BV)
@@ -57,12 +61,12 @@ def _kda_decode_kernel(
             a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
             bias = tl.load(dt_bias + i_h * K + o_k).to(tl.float32)
         for t in range(T):
-            row = (i_n * T + t) * H + i_h
-            b_q = tl.load(q + row * K + o_k).to(tl.float32)
-            b_k = tl.load(k + row * K + o_k).to(tl.float32)
-            b_g = tl.load(g + row * K + o_k).to(tl.float32)
-            b_v = tl.load(v + row * V + o_v).to(tl.float32)
-            b_beta = tl.load(beta + row).to(tl.float32)
+            tok = i_n * T + t
+            b_q = tl.load(q + tok * s_q + i_h * K + o_k).to(tl.float32)
+            b_k = tl.load(k + tok * s_k + i_h * K + o_k).to(tl.float32)
+            b_g = tl.load(g + tok * s_g + i_h * K + o_k).to(tl.float32)
+            b_v = tl.load(v + tok * s_v + i_h * V + o_v).to(tl.float32)
+            b_beta = tl.load(beta + tok * s_beta + i_h).to(tl.float32)
             if L2NORM:
                 b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q) + 1e-6)
                 b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k) + 1e-6)
@@ -76,12 +80,12 @@ def _kda_decode_kernel(
             state = state * tl.exp(b_g)[:, None]
             # Both reductions read the decayed state, so they run side by side: with S' = S + k r^T,
             # S'^T q = S^T q + (k . q) r needs no second pass over the updated state.
-            s_k = tl.sum(state * b_k[:, None], 0)
-            s_q = tl.sum(state * b_q[:, None], 0)
-            r = (b_v - s_k) * b_beta
+            sk = tl.sum(state * b_k[:, None], 0)
+            sq = tl.sum(state * b_q[:, None], 0)
+            r = (b_v - sk) * b_beta
             state = state + b_k[:, None] * r[None, :]
-            b_o = s_q + tl.sum(b_k * b_q) * r
-            tl.store(o + row * V + o_v, b_o.to(o.dtype.element_ty))
+            b_o = sq + tl.sum(b_k * b_q) * r
+            tl.store(o + (tok * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty))
         tl.store(p_state, state)
 
 
@@ -94,6 +98,21 @@ def _launch_config(n_rows: int, V: int) -> tuple[int, int]:
     else:
         bv = 8
     return min(bv, V), 4 if bv >= 32 else 2
+
+
+def _token_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x ``[N, T, ...]`` as token rows with contiguous trailing dims: (x, row stride). Copies only when the rows
+    cannot be addressed with one stride, so slices of a fused projection (q, k, v of one qkv) are read in place."""
+    inner = 1
+    for size, stride in zip(reversed(x.shape[2:]), reversed(x.stride()[2:])):
+        if size > 1 and stride != inner:
+            return _token_rows(x.contiguous())
+        inner *= size
+    N, T = x.shape[:2]
+    row = x.stride(1) if T > 1 else x.stride(0)
+    if N > 1 and T > 1 and x.stride(0) != T * row:
+        return _token_rows(x.contiguous())
+    return x, row
 
 
 def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -154,14 +173,15 @@ def fused_recurrent_kda_triton(
                              f"{A_log.numel()} and {dt_bias.numel()}")
         gate = _GATE_SOFTPLUS if lower_bound is None else _GATE_BOUNDED
         A_log, dt_bias = A_log.contiguous(), dt_bias.contiguous()
-    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    o = torch.empty_like(v)
+    (q, s_q), (k, s_k), (v, s_v), (g, s_g), (beta, s_beta) = (_token_rows(x) for x in (q, k, v, g, beta))
+    o = torch.empty(N, T, H, V, dtype=v.dtype, device=v.device)
     if N * T == 0:
         return o
     bv, num_warps = config or _launch_config(N * H, V)
     _kda_decode_kernel[(N * H * (V // bv),)](
         q, k, v, g, beta, o, state_pool, state_indices.contiguous(), A_log, dt_bias,
-        K**-0.5 if scale is None else scale, 0.0 if lower_bound is None else lower_bound, state_pool.stride(0), T,
+        K**-0.5 if scale is None else scale, 0.0 if lower_bound is None else lower_bound, state_pool.stride(0),
+        s_q, s_k, s_v, s_g, s_beta, T,
         H=H, K=K, V=V, BV=bv, GATE=gate, L2NORM=use_qk_l2norm_in_kernel, BETA_SIGMOID=use_beta_sigmoid_in_kernel,
         num_warps=num_warps,
     )
