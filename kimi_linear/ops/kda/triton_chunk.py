@@ -1,0 +1,248 @@
+"""Chunk KDA on Triton: one autograd op (forward and backward kernels) behind the ``chunk_kda`` contract.
+
+Forward: :mod:`kimi_linear.ops.kda.triton_chunk_fwd`; backward: :mod:`kimi_linear.ops.kda.triton_chunk_bwd`.
+Gate activation, q/k L2 norm and beta sigmoid run inside the kernels; gradients flow to q, k, v, the raw gate
+(or g), A_log, dt_bias, the raw beta (or beta) and the initial state.
+
+Intermediates (W, U, Aqk, the per-chunk states) are kept in the inputs' dtype when that is bf16/fp16 and in fp32
+otherwise; the cumulative log-decay, the UT-transform inverse, the running state and every gradient
+accumulator stay fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from kimi_linear.ops.kda.triton_chunk_bwd import grads_kernel_a, grads_kernel_b, state_bwd_kernel
+from kimi_linear.ops.kda.triton_chunk_fwd import intra_kernel, prep_kernel, state_out_kernel
+from kimi_linear.ops.kda.triton_common import CHUNK
+from kimi_linear.ops.kda.validate import check_kda_inputs
+
+
+def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Head sizes the kernels handle: powers of two from 16 to 256 (whole rows live in one tile)."""
+    return all(d >= 16 and d <= 256 and d & (d - 1) == 0 for d in (q.shape[-1], v.shape[-1]))
+
+
+@dataclass
+class _Chunks:
+    """Where the chunks are: ``cu`` [N+1] token offsets; per chunk its first token and valid length;
+    per sequence the global index of its first chunk."""
+
+    cu: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
+    offset: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.start.numel()
+
+
+def _chunks(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> _Chunks:
+    if cu_seqlens is None:
+        per_seq = -(-T // CHUNK)
+        cu = torch.arange(B + 1, dtype=torch.int32, device=device) * T
+        local = torch.arange(per_seq, dtype=torch.int32, device=device) * CHUNK
+        start = (cu[:-1, None] + local[None, :]).flatten()
+        length = (T - local).clamp(max=CHUNK).repeat(B)
+        offset = torch.arange(B, dtype=torch.int32, device=device) * per_seq
+        return _Chunks(cu, start, length, offset)
+    bounds = cu_seqlens.tolist()
+    starts, lengths, offsets = [], [], []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        offsets.append(len(starts))
+        for t in range(s, e, CHUNK):
+            starts.append(t)
+            lengths.append(min(CHUNK, e - t))
+
+    def as_tensor(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int32, device=device)
+
+    return _Chunks(cu_seqlens.to(device=device, dtype=torch.int32), as_tensor(starts), as_tensor(lengths),
+                   as_tensor(offsets))
+
+
+def _block_v(V: int) -> int:
+    return min(V, 64)
+
+
+def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l2norm, sigmoid,
+             want_final, want_states, training):
+    """Run the three forward kernels on flattened ``[T, H, D]`` views; returns o and what backward needs."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    dev = q.device
+    cdt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    f32 = dict(dtype=torch.float32, device=dev)
+    n_seq = chunks.offset.numel()
+    has_gate = A_log is not None
+    G = torch.empty(T, H, K, **f32)
+    beta_f = torch.empty(T, H, **f32)
+    rq, rk = (torch.empty(T, H, **f32), torch.empty(T, H, **f32)) if l2norm else (G, G)
+    grid = (chunks.count, H)
+    prep_kernel[grid](
+        q, k, g, beta, A_log if has_gate else G, dt_bias if has_gate else G, G, beta_f, rq, rk,
+        chunks.start, chunks.length, float(lower_bound or 0.0), H,
+        K=K, C=CHUNK, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, L2NORM=l2norm, SIGMOID=sigmoid,
+    )
+    W, qg, kg = (torch.empty(T, H, K, dtype=cdt, device=dev) for _ in range(3))
+    U = torch.empty(T, H, V, dtype=cdt, device=dev)
+    P = torch.empty(T, H, CHUNK, dtype=cdt, device=dev)
+    M = torch.empty(T, H, CHUNK, **f32)
+    A = torch.empty(T, H, CHUNK, **f32) if training else M
+    intra_kernel[grid](
+        q, k, v, G, beta_f, rq, rk, W, U, P, M, A, qg, kg, chunks.start, chunks.length, scale, H,
+        K=K, V=V, C=CHUNK, L2NORM=l2norm, BOUNDED=_bounded_diag(lower_bound), SAVE_A=training,
+    )
+    o = torch.empty(T, H, V, dtype=v.dtype, device=dev)
+    final = torch.empty(n_seq, H, K, V, **f32) if want_final else None
+    store_h = training or want_states
+    h = torch.empty(chunks.count, H, K, V, dtype=torch.float32 if want_states else cdt, device=dev) if store_h \
+        else None
+    v_new = torch.empty(T, H, V, dtype=cdt, device=dev) if training else None
+    BV = _block_v(V)
+    state_out_kernel[(triton.cdiv(V, BV), n_seq * H)](
+        W, U, P, qg, kg, G, o, h0 if h0 is not None else G, final if want_final else G, h if store_h else G,
+        v_new if training else G, chunks.cu, chunks.offset, H,
+        K=K, V=V, BV=BV, C=CHUNK, HAS_H0=h0 is not None, STORE_HT=want_final, STORE_H=store_h, STORE_V=training,
+    )
+    saved = dict(G=G, beta_f=beta_f, rq=rq, rk=rk, W=W, P=P, qg=qg, kg=kg, M=M, A=A, h=h, v_new=v_new)
+    return o, final, h if want_states else None, saved
+
+
+def _bounded_diag(lower_bound: float | None) -> bool:
+    """Anchored tensor-core dots on the diagonal 16×16 blocks are safe when 15 steps of decay cannot push
+    exp(G_anchor - G_j) past fp32's range (e^88): lower_bound >= -5.5. Otherwise exact pairwise exponentials."""
+    return lower_bound is not None and lower_bound >= -5.5
+
+
+class ChunkKDAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, scale, lower_bound, l2norm, sigmoid,
+                want_final, want_states):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        chunks = _chunks(B, T, cu_seqlens, q.device)
+        flat = [x.reshape(B * T, H, -1) for x in (q, k, v, g)]
+        training = torch.is_grad_enabled() or any(ctx.needs_input_grad)
+        o, final, states, saved = _forward(
+            *flat, beta.reshape(B * T, H), A_log, dt_bias, h0, chunks, scale, lower_bound, l2norm, sigmoid,
+            want_final, want_states, training,
+        )
+        if states is not None:
+            ctx.mark_non_differentiable(states)
+        ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, h0, *saved.values())
+        ctx.saved_names = list(saved)
+        ctx.meta = (chunks, scale, lower_bound, l2norm, sigmoid)
+        return o.reshape(B, T, H, V), final, states
+
+    @staticmethod
+    def backward(ctx, do, dfinal, _dstates):
+        q, k, v, g, beta, A_log, dt_bias, h0, *rest = ctx.saved_tensors
+        saved = dict(zip(ctx.saved_names, rest))
+        chunks, scale, lower_bound, l2norm, sigmoid = ctx.meta
+        B, T, H, K = q.shape
+        grads = _backward(
+            q.reshape(B * T, H, K), k.reshape(B * T, H, K), v.reshape(B * T, H, -1), g.reshape(B * T, H, K),
+            beta.reshape(B * T, H), A_log, dt_bias, h0, do.reshape(B * T, H, -1).contiguous(), dfinal, saved,
+            chunks, scale, lower_bound, l2norm, sigmoid,
+        )
+        dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0 = grads
+        return (dq.view_as(q), dk.view_as(k), dv.view_as(v), dg.view_as(g), dbeta.view_as(beta), dA_log, ddt_bias,
+                dh0, None, None, None, None, None, None, None)
+
+
+def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, scale, lower_bound, l2norm,
+              sigmoid):
+    T, H, K = q.shape
+    V = v.shape[-1]
+    dev = q.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    cdt = saved["W"].dtype
+    n_seq = chunks.offset.numel()
+    has_gate = A_log is not None
+    # 1. backward over chunks: dh (gradient at each chunk's end), dV', and the initial state's gradient
+    dh = torch.empty(chunks.count, H, K, V, dtype=cdt, device=dev)
+    dv_new = torch.empty(T, H, V, dtype=cdt, device=dev)
+    dh0 = torch.empty(n_seq, H, K, V, **f32)
+    BV = _block_v(V)
+    G = saved["G"]
+    rq, rk = saved["rq"], saved["rk"]
+    state_bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
+        do, saved["P"], saved["qg"], saved["kg"], saved["W"], G, dfinal if dfinal is not None else G, dh, dv_new,
+        dh0, chunks.cu, chunks.offset, H,
+        K=K, V=V, BV=BV, C=CHUNK, HAS_DHT=dfinal is not None,
+    )
+    # 2. per chunk: everything that needs whole rows of K and V
+    dA = torch.empty(T, H, CHUNK, **f32)
+    dP = torch.empty(T, H, CHUNK, **f32)
+    dq_part, dk_part, dG_part = (torch.empty(T, H, K, **f32) for _ in range(3))
+    dG_last = torch.empty(chunks.count, H, K, **f32)
+    dbeta = torch.empty_like(beta)
+    dv = torch.empty_like(v)
+    grid = (chunks.count, H)
+    grads_kernel_a[grid](
+        q, k, v, rq, rk, G, saved["beta_f"], saved["M"], saved["A"], saved["h"], saved["v_new"], do, dh,
+        dv_new, dA, dP, dq_part, dk_part, dG_part, dG_last, dbeta, dv, chunks.start, chunks.length, scale, H,
+        K=K, V=V, C=CHUNK, L2NORM=l2norm, SIGMOID=sigmoid,
+    )
+    # 3. per chunk: the decayed-score gradients, the reverse cumsum into g, and the fused pre-processing
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dg = torch.empty_like(g)
+    dA_log_part = torch.empty(chunks.count, H, **f32) if has_gate else None
+    ddt_part = torch.empty(chunks.count, H, K, **f32) if has_gate else None
+    grads_kernel_b[grid](
+        q, k, g, rq, rk, G, A_log if has_gate else G, dt_bias if has_gate else G, dA, dP, dq_part, dk_part,
+        dG_part, dG_last, dq, dk, dg, dA_log_part if has_gate else G, ddt_part if has_gate else G,
+        chunks.start, chunks.length, float(lower_bound or 0.0), scale, H,
+        K=K, C=CHUNK, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, BOUNDED_DIAG=_bounded_diag(lower_bound),
+        L2NORM=l2norm,
+    )
+    dA_log = dA_log_part.sum(0).view_as(A_log) if has_gate else None
+    ddt_bias = ddt_part.sum(0).view_as(dt_bias) if has_gate else None
+    return dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0 if h0 is not None else None
+
+
+def chunk_kda_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    lower_bound: float | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    output_chunk_states: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """The ``chunk_kda`` contract on Triton (same arguments and returns as :func:`kimi_linear.ops.kda.chunk_kda`)."""
+    check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    if A_log is not None and dt_bias is None:
+        raise ValueError("A_log was given without dt_bias: the in-kernel gate needs both")
+    if A_log is None and lower_bound is not None:
+        raise ValueError("lower_bound applies to the in-kernel gate only: pass A_log and dt_bias too")
+    K = q.shape[-1]
+    scale = K**-0.5 if scale is None else float(scale)
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    if A_log is not None:
+        A_log, dt_bias = A_log.float().contiguous(), dt_bias.float().contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    o, final, states = ChunkKDAFunction.apply(
+        q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, scale, lower_bound,
+        use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel, output_final_state, output_chunk_states,
+    )
+    result = (o, final)
+    if output_chunk_states:
+        result += (states,)
+    return result

@@ -1,0 +1,246 @@
+"""Triton kernels of the chunk-KDA backward pass, three launches (notation of triton_chunk_fwd):
+
+1. :func:`state_bwd_kernel` (sequential, reverse over a sequence's chunks): with dS the gradient of the state
+   at a chunk's end, ``dV' = P^T dO + kg dS`` and ``dS <- exp(G_last) dS + qg^T dO - W^T dV'``; stores dS per
+   chunk (``dh``), dV', and the initial state's gradient.
+2. :func:`grads_kernel_a` (chunk-parallel, whole K and V rows): through ``O = qg S + P V'``,
+   ``V' = U - W S``, ``S_end = exp(G_last) S + kg^T V'`` and the UT transform ``W = M β Γ K``, ``U = M β V``,
+   ``M = (I + diag(β) A)^-1`` (``dL = -M^T dM M^T``): dv, dβ, dA, dP, and the parts of dq, dk, dG that are
+   element-wise in the channel.
+3. :func:`grads_kernel_b` (chunk-parallel, 16-row blocks): the gradients of the decayed scores A and P with
+   the same anchoring as the forward, the reverse cumsum from dG to dg, and the backward of the fused
+   L2 norm and gate activation (with per-chunk partial sums for dA_log and ddt_bias).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kimi_linear.ops.kda.triton_common import (
+    SUB,
+    first_row,
+    load_G,
+    load_qk,
+    load_row,
+    load_rows,
+    load_tile,
+    load_vec,
+    store_rows,
+    store_tile,
+    store_vec,
+)
+
+
+@triton.jit
+def state_bwd_kernel(
+    do, P, qg, kg, W, G, dhT, dh, dv_new, dh0, cu_seqlens, chunk_offset, H,
+    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_DHT: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    c0 = tl.load(chunk_offset + i_n)
+    dk = tl.arange(0, K)
+    dv = i_v * BV + tl.arange(0, BV)
+    state_offs = (i_nh.to(tl.int64) * K + dk[:, None]) * V + dv[None, :]
+    if HAS_DHT:
+        dS = tl.load(dhT + state_offs).to(tl.float32)
+    else:
+        dS = tl.zeros([K, BV], dtype=tl.float32)
+    cdt = W.dtype.element_ty
+    n_chunks = tl.cdiv(eos - bos, C)
+    # a while loop: the interpreter (numpy >= 2.3) cannot take a run-time trip count in range()
+    i = 0
+    while i < n_chunks:
+        c = n_chunks - 1 - i
+        t0 = bos + c * C
+        n = tl.minimum(eos - t0, C)
+        tl.store(dh + ((c0 + c).to(tl.int64) * H + i_h) * K * V + dk[:, None] * V + dv[None, :],
+                 dS.to(dh.dtype.element_ty))
+        d_o = load_tile(do, t0, 0, n, H, i_h, V, i_v * BV, BV, C).to(cdt)
+        dvn = tl.dot(tl.trans(load_rows(P, t0, 0, n, H, i_h, C, C).to(cdt)), d_o)
+        dvn += tl.dot(load_rows(kg, t0, 0, n, H, i_h, K, C).to(cdt), dS.to(cdt))
+        store_tile(dv_new, dvn, t0, 0, n, H, i_h, V, i_v * BV, BV, C)
+        G_last = load_row(G, t0 + n - 1, H, i_h, K)
+        dS = dS * tl.exp(G_last)[:, None]
+        dS += tl.dot(tl.trans(load_rows(qg, t0, 0, n, H, i_h, K, C).to(cdt)), d_o)
+        dS -= tl.dot(tl.trans(load_rows(W, t0, 0, n, H, i_h, K, C).to(cdt)), dvn.to(cdt))
+        i += 1
+    tl.store(dh0 + state_offs, dS)
+
+
+@triton.jit
+def load_state(ptr, i_c, i_h, H, K: tl.constexpr, V: tl.constexpr):
+    """``[K, V]`` fp32 state of chunk i_c, head i_h, from a ``[NC, H, K, V]`` tensor."""
+    offs = (i_c.to(tl.int64) * H + i_h) * K * V + tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :]
+    return tl.load(ptr + offs).to(tl.float32)
+
+
+@triton.jit
+def grads_kernel_a(
+    q, k, v, rq, rk, G, beta_f, M, A, h, v_new, do, dh, dv_new,
+    dA, dP, dq_part, dk_part, dG_part, dG_last, dbeta, dv, chunk_start, chunk_len, scale, H,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, L2NORM: tl.constexpr, SIGMOID: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0 = tl.load(chunk_start + i_c)
+    n = tl.load(chunk_len + i_c)
+    rows = tl.arange(0, C)
+    G_last = load_row(G, t0 + n - 1, H, i_h, K)
+    Gc = load_G(G, t0, 0, n, H, i_h, G_last, K, C)
+    gam = tl.exp(Gc)
+    to_end = tl.exp(G_last[None, :] - Gc)
+    qn = load_qk(q, rq, t0, 0, n, H, i_h, K, C, L2NORM)
+    kn = load_qk(k, rk, t0, 0, n, H, i_h, K, C, L2NORM)
+    b = load_vec(beta_f, t0, 0, n, H, i_h, C)
+    m = load_rows(M, t0, 0, n, H, i_h, C, C)
+    S = load_state(h, i_c, i_h, H, K, V)
+    dS = load_state(dh, i_c, i_h, H, K, V)
+    vn = load_rows(v_new, t0, 0, n, H, i_h, V, C)
+    dvn = load_rows(dv_new, t0, 0, n, H, i_h, V, C)
+    d_o = load_rows(do, t0, 0, n, H, i_h, V, C)
+    vt = load_rows(v, t0, 0, n, H, i_h, V, C)
+
+    dqg = tl.dot(d_o, tl.trans(S))
+    dkg = tl.dot(vn, tl.trans(dS))
+    dW = -tl.dot(dvn, tl.trans(S))
+    x_w = b[:, None] * gam * kn
+    dx_w = tl.dot(tl.trans(m), dW)
+    dx_u = tl.dot(tl.trans(m), dvn)
+    dM = tl.dot(dW, tl.trans(x_w)) + tl.dot(dvn, tl.trans(b[:, None] * vt))
+    dL = -tl.dot(tl.dot(tl.trans(m), dM), tl.trans(m))
+    dL = tl.where(rows[:, None] > rows[None, :], dL, 0.0)
+    a = load_rows(A, t0, 0, n, H, i_h, C, C)
+    db = tl.sum(dx_w * gam * kn, axis=1) + tl.sum(dx_u * vt, axis=1) + tl.sum(dL * a, axis=1)
+    if SIGMOID:
+        db = db * b * (1.0 - b)
+    store_vec(dbeta, db, t0, 0, n, H, i_h, C)
+    store_rows(dv, b[:, None] * dx_u, t0, 0, n, H, i_h, V, C)
+    store_rows(dA, b[:, None] * dL, t0, 0, n, H, i_h, C, C)
+    dp = tl.dot(d_o, tl.trans(vn))
+    store_rows(dP, tl.where(rows[:, None] >= rows[None, :], dp, 0.0), t0, 0, n, H, i_h, C, C)
+
+    kg = kn * to_end
+    store_rows(dq_part, scale * gam * dqg, t0, 0, n, H, i_h, K, C)
+    store_rows(dk_part, b[:, None] * gam * dx_w + to_end * dkg, t0, 0, n, H, i_h, K, C)
+    store_rows(dG_part, dx_w * x_w + scale * gam * qn * dqg - kg * dkg, t0, 0, n, H, i_h, K, C)
+    dgl = tl.sum(kg * dkg, axis=0) + tl.exp(G_last) * tl.sum(dS * S, axis=1)
+    tl.store(dG_last + (i_c.to(tl.int64) * H + i_h) * K + tl.arange(0, K), dgl)
+
+
+@triton.jit
+def exact_diag_grads(D, k, x, G, R: tl.constexpr):
+    """Gradients of a diagonal block of decayed scores from exact pairwise exponentials:
+    ``row[i] = sum_{j<=i} D_ij k_j e^{G_i - G_j}``, ``col[j] = sum_{i>=j} D_ij x_i e^{G_i - G_j}`` (``[R, K]``)."""
+    rows = tl.arange(0, R)
+    row = tl.zeros(k.shape, dtype=tl.float32)
+    col = tl.zeros(k.shape, dtype=tl.float32)
+    for j in range(R):
+        pick = rows == j
+        k_j = tl.sum(tl.where(pick[:, None], k, 0.0), axis=0)
+        G_j = tl.sum(tl.where(pick[:, None], G, 0.0), axis=0)
+        D_j = tl.sum(tl.where(pick[None, :], D, 0.0), axis=1)
+        e = tl.where((rows >= j)[:, None], tl.exp(tl.minimum(G - G_j[None, :], 0.0)), 0.0)
+        row += D_j[:, None] * k_j[None, :] * e
+        col = tl.where(pick[:, None], tl.sum(D_j[:, None] * x * e, axis=0)[None, :], col)
+    return row, col
+
+
+@triton.jit
+def grads_kernel_b(
+    q, k, g, rq, rk, G, A_log, dt_bias, dA, dP, dq_part, dk_part, dG_part, dG_last, dq, dk, dg,
+    dA_log_part, ddt_part, chunk_start, chunk_len, lower_bound, scale, H,
+    K: tl.constexpr, C: tl.constexpr, HAS_GATE: tl.constexpr, BOUNDED: tl.constexpr, BOUNDED_DIAG: tl.constexpr,
+    L2NORM: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0 = tl.load(chunk_start + i_c)
+    n = tl.load(chunk_len + i_c)
+    G_last = load_row(G, t0 + n - 1, H, i_h, K)
+    # gradients reach every g of the chunk through G_last (the cumsum's last row)
+    carry = tl.load(dG_last + (i_c.to(tl.int64) * H + i_h) * K + tl.arange(0, K))
+    if HAS_GATE:
+        a_h = tl.exp(tl.load(A_log + i_h))
+        dt = tl.load(dt_bias + i_h * K + tl.arange(0, K))
+        dA_log_acc = tl.zeros([K], dtype=tl.float32)
+        ddt_acc = tl.zeros([K], dtype=tl.float32)
+    for X_rev in tl.static_range(4):
+        X: tl.constexpr = 3 - X_rev
+        r0 = X * SUB
+        G_x = load_G(G, t0, r0, n, H, i_h, G_last, K, SUB)
+        k_x = load_qk(k, rk, t0, r0, n, H, i_h, K, SUB, L2NORM)
+        q_x = load_qk(q, rq, t0, r0, n, H, i_h, K, SUB, L2NORM)
+        G_ax = first_row(G_x, SUB)
+        e_x = tl.exp(G_x - G_ax[None, :])
+        row_a = tl.zeros([SUB, K], dtype=tl.float32)
+        row_p = tl.zeros([SUB, K], dtype=tl.float32)
+        col_a = tl.zeros([SUB, K], dtype=tl.float32)
+        col_p = tl.zeros([SUB, K], dtype=tl.float32)
+        # rows of X against earlier column blocks J (anchor: X's first row)
+        for J in tl.static_range(X):
+            G_j = load_G(G, t0, J * SUB, n, H, i_h, G_last, K, SUB)
+            k_ja = load_qk(k, rk, t0, J * SUB, n, H, i_h, K, SUB, L2NORM) * tl.exp(G_ax[None, :] - G_j)
+            row_a += e_x * tl.dot(load_tile(dA, t0, r0, n, H, i_h, C, J * SUB, SUB, SUB), k_ja)
+            row_p += e_x * tl.dot(load_tile(dP, t0, r0, n, H, i_h, C, J * SUB, SUB, SUB), k_ja)
+        # columns of X against later row blocks I (anchor: I's first row)
+        for I in tl.static_range(X + 1, 4):
+            G_i = load_G(G, t0, I * SUB, n, H, i_h, G_last, K, SUB)
+            G_ai = first_row(G_i, SUB)
+            e_i = tl.exp(G_i - G_ai[None, :])
+            k_i = load_qk(k, rk, t0, I * SUB, n, H, i_h, K, SUB, L2NORM) * e_i
+            q_i = load_qk(q, rq, t0, I * SUB, n, H, i_h, K, SUB, L2NORM) * e_i
+            e_col = tl.exp(G_ai[None, :] - G_x)
+            col_a += e_col * tl.dot(tl.trans(load_tile(dA, t0, I * SUB, n, H, i_h, C, r0, SUB, SUB)), k_i)
+            col_p += e_col * tl.dot(tl.trans(load_tile(dP, t0, I * SUB, n, H, i_h, C, r0, SUB, SUB)), q_i)
+        dA_xx = load_tile(dA, t0, r0, n, H, i_h, C, r0, SUB, SUB)
+        dP_xx = load_tile(dP, t0, r0, n, H, i_h, C, r0, SUB, SUB)
+        if BOUNDED_DIAG:
+            e_inv = tl.exp(G_ax[None, :] - G_x)
+            row_a += e_x * tl.dot(dA_xx, k_x * e_inv)
+            row_p += e_x * tl.dot(dP_xx, k_x * e_inv)
+            col_a += e_inv * tl.dot(tl.trans(dA_xx), k_x * e_x)
+            col_p += e_inv * tl.dot(tl.trans(dP_xx), q_x * e_x)
+        else:
+            ra, ca = exact_diag_grads(dA_xx, k_x, k_x, G_x, SUB)
+            rp, cp = exact_diag_grads(dP_xx, k_x, q_x, G_x, SUB)
+            row_a += ra
+            col_a += ca
+            row_p += rp
+            col_p += cp
+        row_p = row_p * scale
+        col_p = col_p * scale
+        dq_hat = load_rows(dq_part, t0, r0, n, H, i_h, K, SUB) + row_p
+        dk_hat = load_rows(dk_part, t0, r0, n, H, i_h, K, SUB) + row_a + col_a + col_p
+        dG = load_rows(dG_part, t0, r0, n, H, i_h, K, SUB) + q_x * row_p + k_x * (row_a - col_a - col_p)
+        # g -> G is a cumsum inside the chunk, so dg is the reverse cumsum of dG (plus what later blocks carry)
+        dgx = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG + carry[None, :]
+        carry += tl.sum(dG, axis=0)
+        if L2NORM:
+            r_q = load_vec(rq, t0, r0, n, H, i_h, SUB)[:, None]
+            r_k = load_vec(rk, t0, r0, n, H, i_h, SUB)[:, None]
+            dq_hat = r_q * (dq_hat - q_x * tl.sum(q_x * dq_hat, axis=1)[:, None])
+            dk_hat = r_k * (dk_hat - k_x * tl.sum(k_x * dk_hat, axis=1)[:, None])
+        store_rows(dq, dq_hat, t0, r0, n, H, i_h, K, SUB)
+        store_rows(dk, dk_hat, t0, r0, n, H, i_h, K, SUB)
+        if HAS_GATE:
+            valid = ((r0 + tl.arange(0, SUB)) < n)[:, None]
+            x = load_rows(g, t0, r0, n, H, i_h, K, SUB) + dt[None, :]
+            if BOUNDED:
+                s = tl.sigmoid(a_h * x)
+                dgate = lower_bound * s * (1.0 - s)  # d g / d (a x)
+                dx = dgx * dgate * a_h
+                dA_log_acc += tl.sum(tl.where(valid, dx * x, 0.0), axis=0)
+            else:
+                softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+                dx = -dgx * a_h * tl.sigmoid(x)
+                dA_log_acc += tl.sum(tl.where(valid, -dgx * a_h * softplus, 0.0), axis=0)
+            ddt_acc += tl.sum(tl.where(valid, dx, 0.0), axis=0)
+            store_rows(dg, dx, t0, r0, n, H, i_h, K, SUB)
+        else:
+            store_rows(dg, dgx, t0, r0, n, H, i_h, K, SUB)
+    if HAS_GATE:
+        tl.store(dA_log_part + i_c.to(tl.int64) * H + i_h, tl.sum(dA_log_acc, axis=0))
+        tl.store(ddt_part + (i_c.to(tl.int64) * H + i_h) * K + tl.arange(0, K), ddt_acc)
+

@@ -1,0 +1,132 @@
+"""Pieces shared by the Triton chunk-KDA kernels: tile loads, the fused gate, and anchored decay scores.
+
+Layout conventions of every kernel in :mod:`kimi_linear.ops.kda.triton_chunk_fwd` / ``triton_chunk_bwd``:
+the batch is flattened to one token axis (equal-length batches become packed sequences), per-token tensors
+are ``[T_total, H, D]`` contiguous, and a chunk (64 tokens of one sequence) is named by its global index ``i_c``;
+``chunk_start[i_c]`` / ``chunk_len[i_c]`` give its first token and its number of valid rows (<= 64).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+CHUNK = 64
+SUB = 16
+
+
+@triton.jit
+def load_tile(ptr, t0, r0, n, H, i_h, STRIDE: tl.constexpr, c0, D: tl.constexpr, R: tl.constexpr):
+    """``[R, D]`` fp32 tile of a ``[T, H, STRIDE]`` tensor: rows t0+r0 .. t0+r0+R-1 of head i_h, columns
+    c0 .. c0+D-1; rows >= n (past the chunk) read as 0."""
+    r = r0 + tl.arange(0, R)
+    d = c0 + tl.arange(0, D)
+    offs = ((t0 + r).to(tl.int64)[:, None] * H + i_h) * STRIDE + d[None, :]
+    return tl.load(ptr + offs, mask=(r < n)[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_tile(ptr, x, t0, r0, n, H, i_h, STRIDE: tl.constexpr, c0, D: tl.constexpr, R: tl.constexpr):
+    """Store an ``[R, D]`` tile into a ``[T, H, STRIDE]`` tensor at columns c0.. (rows >= n are skipped)."""
+    r = r0 + tl.arange(0, R)
+    d = c0 + tl.arange(0, D)
+    offs = ((t0 + r).to(tl.int64)[:, None] * H + i_h) * STRIDE + d[None, :]
+    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=(r < n)[:, None])
+
+
+@triton.jit
+def load_rows(ptr, t0, r0, n, H, i_h, D: tl.constexpr, R: tl.constexpr):
+    """Full-width ``[R, D]`` tile of a ``[T, H, D]`` tensor (see :func:`load_tile`)."""
+    return load_tile(ptr, t0, r0, n, H, i_h, D, 0, D, R)
+
+
+@triton.jit
+def store_rows(ptr, x, t0, r0, n, H, i_h, D: tl.constexpr, R: tl.constexpr):
+    store_tile(ptr, x, t0, r0, n, H, i_h, D, 0, D, R)
+
+
+@triton.jit
+def load_row(ptr, t, H, i_h, D: tl.constexpr):
+    """One token's ``[D]`` vector of a ``[T, H, D]`` tensor, fp32."""
+    return tl.load(ptr + (t.to(tl.int64) * H + i_h) * D + tl.arange(0, D)).to(tl.float32)
+
+
+@triton.jit
+def load_vec(ptr, t0, r0, n, H, i_h, R: tl.constexpr):
+    """``[R]`` slice of a ``[T, H]`` tensor (rows >= n read as 0)."""
+    r = r0 + tl.arange(0, R)
+    return tl.load(ptr + (t0 + r).to(tl.int64) * H + i_h, mask=r < n, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_vec(ptr, x, t0, r0, n, H, i_h, R: tl.constexpr):
+    r = r0 + tl.arange(0, R)
+    tl.store(ptr + (t0 + r).to(tl.int64) * H + i_h, x.to(ptr.dtype.element_ty), mask=r < n)
+
+
+@triton.jit
+def load_G(G_ptr, t0, r0, n, H, i_h, G_last, K: tl.constexpr, R: tl.constexpr):
+    """Cumulative log-decay tile; rows past the chunk's end repeat G_last (they stand for g = 0), so every
+    difference of two G rows stays <= 0 in the right direction and no exponential can overflow."""
+    r = r0 + tl.arange(0, R)
+    G = load_rows(G_ptr, t0, r0, n, H, i_h, K, R)
+    return tl.where((r < n)[:, None], G, G_last[None, :])
+
+
+@triton.jit
+def load_qk(ptr, rnorm_ptr, t0, r0, n, H, i_h, K: tl.constexpr, R: tl.constexpr, L2NORM: tl.constexpr):
+    """q or k tile, L2-normalised with the per-row factors 1/sqrt(sum x^2 + eps) when L2NORM."""
+    x = load_rows(ptr, t0, r0, n, H, i_h, K, R)
+    if L2NORM:
+        x = x * load_vec(rnorm_ptr, t0, r0, n, H, i_h, R)[:, None]
+    return x
+
+
+@triton.jit
+def gate_fwd(f, a, dt, lower_bound, BOUNDED: tl.constexpr):
+    """g from the raw gate f ``[R, K]``: a = exp(A_log[h]) (scalar), dt = dt_bias[h] ``[K]`` (see gate.py)."""
+    x = f + dt[None, :]
+    if BOUNDED:
+        g = lower_bound * tl.sigmoid(a * x)
+    else:
+        # softplus with PyTorch's threshold: x for x > 20, else log(1 + e^x)
+        g = -a * tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    return g
+
+
+@triton.jit
+def anchored_scores(x_i, G_i, k_j, G_j, G_a):
+    """``out[i, j] = sum_d x_id k_jd exp(G_id - G_jd)`` as one matrix product, split at the anchor row G_a.
+
+    Safe when G_j >= G_a >= G_i row-wise (the block of j precedes the anchor, which precedes or is row i),
+    or, on a diagonal block, when the gate is bounded so that exp(G_a - G_j) cannot overflow.
+    """
+    xa = x_i * tl.exp(G_i - G_a[None, :])
+    ka = k_j * tl.exp(G_a[None, :] - G_j)
+    return tl.dot(xa, tl.trans(ka))
+
+
+@triton.jit
+def exact_diag_scores(x, k, G, INCLUDE_DIAG: tl.constexpr, R: tl.constexpr):
+    """Diagonal ``[R, R]`` block of the decayed scores from exact pairwise differences (any gate):
+    ``out[i, j] = sum_d x_id k_jd exp(G_id - G_jd)`` for j < i (or j <= i), else 0."""
+    rows = tl.arange(0, R)
+    out = tl.zeros([R, R], dtype=tl.float32)
+    for j in range(R):
+        pick = (rows == j)[:, None]
+        k_j = tl.sum(tl.where(pick, k, 0.0), axis=0)
+        G_j = tl.sum(tl.where(pick, G, 0.0), axis=0)
+        if INCLUDE_DIAG:
+            keep = rows >= j
+        else:
+            keep = rows > j
+        e = tl.where(keep[:, None], tl.exp(tl.minimum(G - G_j[None, :], 0.0)), 0.0)
+        col = tl.sum(x * k_j[None, :] * e, axis=1)
+        out = tl.where((rows == j)[None, :], col[:, None], out)
+    return out
+
+
+@triton.jit
+def first_row(x, R: tl.constexpr):
+    """Row 0 of an ``[R, D]`` tile, as a ``[D]`` vector."""
+    return tl.sum(tl.where((tl.arange(0, R) == 0)[:, None], x, 0.0), axis=0)

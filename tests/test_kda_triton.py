@@ -1,0 +1,200 @@
+"""Triton chunk KDA (`kimi_linear.ops.kda.triton_chunk`) against the PyTorch chunkwise path.
+
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), at tiny shapes;
+with CUDA the same tests run compiled, and the `gpu` tests add model-size checks against an fp64 reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kimi_linear.ops import kda
+from kimi_linear.ops.kda import chunk_kda_torch
+from kimi_linear.ops.kda.triton_chunk import chunk_kda_triton
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_inputs(T, H, K, V, *, seed, B=1, n_state=None, gate="plain", dtype=torch.float32, device=DEVICE):
+    """Leaf tensors for one call. gate: ``plain`` (log-decay g, normalised q/k, beta in (0,1)), ``released`` or
+    ``bounded`` (raw gate, raw q/k and beta logit, with A_log and dt_bias: the in-kernel pre-processing)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    x = {"q": rnd(B, T, H, K).to(dtype), "k": rnd(B, T, H, K).to(dtype), "v": rnd(B, T, H, V).to(dtype)}
+    if gate == "plain":
+        x["q"] = torch.nn.functional.normalize(x["q"].float(), dim=-1).to(dtype)
+        x["k"] = torch.nn.functional.normalize(x["k"].float(), dim=-1).to(dtype)
+        x["g"] = -torch.rand(B, T, H, K, generator=gen).to(device) * 3
+        x["beta"] = torch.rand(B, T, H, generator=gen).to(device)
+    else:
+        x["g"] = rnd(B, T, H, K, scale=2.0).to(dtype)
+        x["beta"] = rnd(B, T, H)
+        x["A_log"] = (torch.rand(H, generator=gen) * 2 - 1).to(device)
+        x["dt_bias"] = rnd(H * K)
+    x["initial_state"] = rnd(n_state or B, H, K, V)
+    return {n: t.requires_grad_() for n, t in x.items()}
+
+
+def options(gate: str) -> dict:
+    if gate == "plain":
+        return {}
+    return {"use_qk_l2norm_in_kernel": True, "use_beta_sigmoid_in_kernel": True,
+            "lower_bound": -5.0 if gate == "bounded" else None}
+
+
+def forward_backward(fn, x, seed, **kw):
+    """Outputs and the gradients of a random linear functional of (o, final_state) w.r.t. every input."""
+    o, final = fn(**x, output_final_state=True, **kw)
+    gen = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(o.shape, generator=gen).to(o.device, o.dtype)
+    dh = torch.randn(final.shape, generator=gen).to(final.device)
+    grads = torch.autograd.grad((o * do).sum() + (final * dh).sum(), list(x.values()))
+    return o, final, dict(zip(x, grads))
+
+
+def assert_close(x, seed, tol, reference=chunk_kda_torch, **kw):
+    o, f, grads = forward_backward(chunk_kda_triton, x, seed, **kw)
+    ref = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+    o_r, f_r, grads_r = forward_backward(reference, ref, seed, **kw)
+    errors = {"o": rel_err(o, o_r), "final_state": rel_err(f, f_r)}
+    errors.update({f"d{n}": rel_err(grads[n], grads_r[n]) for n in x})
+    assert all(e <= tol for e in errors.values()), errors
+    return errors
+
+
+@pytest.mark.parametrize(
+    "T,gate", [(1, "plain"), (70, "plain"), (65, "released"), (40, "bounded")]
+)
+def test_matches_torch_chunk(T, gate):
+    x = make_inputs(T, 2, 32, 32, seed=T, gate=gate)
+    assert_close(x, seed=T, tol=2e-5 if not CUDA else 5e-3, **options(gate))
+
+
+def test_packed_sequences_with_an_empty_one():
+    lengths = [17, 64, 0, 40, 1]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    x = make_inputs(sum(lengths), 2, 16, 32, seed=3, n_state=len(lengths), gate="released")
+    assert_close(x, seed=3, tol=2e-5 if not CUDA else 5e-3, cu_seqlens=cu, **options("released"))
+
+
+def test_chunk_states_match_torch():
+    cu = torch.tensor([0, 70, 90], dtype=torch.int32, device=DEVICE)
+    x = {n: t.detach() for n, t in make_inputs(90, 2, 16, 16, seed=4, n_state=2).items()}
+    _, _, states = chunk_kda_triton(**x, cu_seqlens=cu, output_chunk_states=True)
+    _, _, ref = chunk_kda_torch(**x, cu_seqlens=cu, output_chunk_states=True)
+    assert states.shape == ref.shape == (3, 2, 16, 16) and states.dtype == torch.float32
+    assert rel_err(states, ref) <= (1e-5 if not CUDA else 1e-3)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU interpreter set-up")
+def test_kernels_run_in_the_interpreter():
+    """conftest must set TRITON_INTERPRET before the kernels are decorated: triton.jit reads it then."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from kimi_linear.ops.kda import triton_chunk_bwd, triton_chunk_fwd
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert isinstance(triton_chunk_fwd.intra_kernel, InterpretedFunction)
+    assert isinstance(triton_chunk_bwd.grads_kernel_b, InterpretedFunction)
+
+
+def test_backend_switch(monkeypatch):
+    x = {n: t.detach() for n, t in make_inputs(20, 1, 16, 16, seed=5).items()}
+    calls = []
+    monkeypatch.setattr("kimi_linear.ops.kda.triton_chunk.chunk_kda_triton",
+                        lambda *a, **k: calls.append("triton") or chunk_kda_torch(*a, **k))
+    monkeypatch.delenv("KIMI_LINEAR_KDA_BACKEND", raising=False)
+    for name, expected in (("torch", []), ("triton", ["triton"]), ("auto", ["triton"] if CUDA else [])):
+        calls.clear()
+        kda.set_backend(name)
+        kda.chunk_kda(**x)
+        assert calls == expected, name
+    monkeypatch.setenv("KIMI_LINEAR_KDA_BACKEND", "torch")
+    calls.clear()
+    kda.chunk_kda(**x)
+    assert calls == []
+    with pytest.raises(ValueError):
+        kda.set_backend("cuda")
+
+
+# ---- GPU, model-size shapes: bf16 inputs against an fp64 reference -------------------------------------------
+
+
+def fp64_reference(x, seed, **kw):
+    ref = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+    return forward_backward(chunk_kda_torch, ref, seed, **kw)
+
+
+def check_against_fp64(x, seed, **kw):
+    o, f, grads = forward_backward(chunk_kda_triton, x, seed, **kw)
+    o_r, f_r, grads_r = fp64_reference(x, seed, **kw)
+    errors = {"o": rel_err(o, o_r), "final_state": rel_err(f, f_r)}
+    grad_errors = {f"d{n}": rel_err(grads[n], grads_r[n]) for n in x}
+    assert errors["o"] <= 5e-3 and errors["final_state"] <= 5e-3, errors
+    assert all(e <= 1e-2 for e in grad_errors.values()), grad_errors
+    return errors | grad_errors
+
+
+@gpu
+@pytest.mark.parametrize("gate", ["released", "bounded"])
+def test_gpu_bf16_against_fp64(gate):
+    x = make_inputs(1000, 4, 128, 128, B=2, seed=11, gate=gate, dtype=torch.bfloat16)
+    print(gate, check_against_fp64(x, seed=11, **options(gate)))
+
+
+@gpu
+def test_gpu_long_sequence_near_lower_bound_is_finite_and_accurate():
+    """64K tokens with gates pushed to the lower bound (decay e^-5 a step)."""
+    x = make_inputs(65536, 1, 128, 128, seed=12, gate="bounded", dtype=torch.bfloat16)
+    with torch.no_grad():
+        x["dt_bias"].fill_(30.0)  # sigmoid saturates: g ~= lower_bound everywhere
+    o, f, grads = forward_backward(chunk_kda_triton, x, 12, **options("bounded"))
+    assert all(torch.isfinite(t).all() for t in (o, f, *grads.values()))
+    print("long", check_against_fp64(x, seed=12, **options("bounded")))
+
+
+@gpu
+def test_gpu_batch_invariance_causality_and_packing():
+    x = {n: t.detach() for n, t in make_inputs(300, 4, 128, 128, B=3, seed=13, gate="released",
+                                               dtype=torch.bfloat16).items()}
+    opts = options("released")
+    o, f = chunk_kda_triton(**x, output_final_state=True, **opts)
+    for b in range(3):
+        one = {n: (t[b : b + 1] if n not in ("A_log", "dt_bias") else t) for n, t in x.items()}
+        o_b, f_b = chunk_kda_triton(**one, output_final_state=True, **opts)
+        assert torch.equal(o[b : b + 1], o_b) and torch.equal(f[b : b + 1], f_b)
+    # causality: perturb token t of sequence 0, nothing before t moves
+    t = 150
+    bumped = {n: v.clone() for n, v in x.items()}
+    for name in ("q", "k", "v", "g", "beta"):
+        bumped[name][:, t] += 1.0
+    o2, _ = chunk_kda_triton(**bumped, **opts)
+    assert torch.equal(o2[:, :t], o[:, :t]) and not torch.equal(o2[:, t], o[:, t])
+    # packing the three sequences end to end (B = 1) changes nothing and leaks no state
+    packed = {n: (t.flatten(0, 1)[None] if n not in ("A_log", "dt_bias", "initial_state") else t)
+              for n, t in x.items()}
+    cu = torch.tensor([0, 300, 600, 900], dtype=torch.int32, device=DEVICE)
+    o_p, f_p = chunk_kda_triton(**packed, cu_seqlens=cu, output_final_state=True, **opts)
+    assert torch.equal(o_p.view_as(o), o) and torch.equal(f_p, f)
+
+
+@gpu
+def test_gpu_grads_causal():
+    x = make_inputs(200, 2, 128, 128, seed=14, gate="bounded", dtype=torch.bfloat16)
+    o, _ = chunk_kda_triton(**{n: t for n, t in x.items()}, **options("bounded"))
+    t = 100
+    grads = torch.autograd.grad(o[:, :t].float().sum(), [x["q"], x["k"], x["v"], x["g"], x["beta"]])
+    for gr in grads:
+        assert not gr[:, t:].any()
