@@ -5,7 +5,8 @@ head shape (H = 32, K = V = 128), with the fp32 state bandwidth next to the devi
 
 ``run(results_dir)`` is the entry point for other benchmark drivers: it times the table and returns its rows.
 ``--sweep`` also times every (BV, num_warps) launch configuration (how the kernel's defaults were chosen);
-``--conv-norm`` times the Triton short conv and norms against the PyTorch versions at model size.
+``--conv-norm`` times the Triton short conv and norms against the PyTorch versions at model size (eager: the
+PyTorch conv syncs with the host, so it has no graph time).
 Each state row is read once and written once per step: bytes = 2 * N * H * K * V * 4. Modes: ``eager`` is the
 time per call of back-to-back Python calls (host overhead included; at small N the 4 MiB-per-sequence state then
 stays in L2); ``graph`` replays one captured step with the L2 cache flushed before each replay (median).
@@ -166,6 +167,7 @@ def sweep(sizes: tuple[int, ...] = SIZES) -> list[dict]:
     spills (read from Triton's kernel cache: the entries a configuration's first call added)."""
     from kimi_linear.ops.kda.triton_recurrent import _kda_decode_kernel
 
+    _kda_decode_kernel.device_caches.clear()  # recompile (from Triton's disk cache) so every config is seen
     resources = {}
     rows = []
     for N in sizes:
@@ -188,13 +190,17 @@ def _kernel_cache(kernel) -> dict:
     return kernel.device_caches[torch.cuda.current_device()][0]
 
 
-def conv_norm(sizes: tuple[int, ...] = (1, 64, 256), prefill_tokens: int = 16384) -> list[dict]:
+def conv_norm(copy_bw: float, sizes: tuple[int, ...] = (1, 64, 256), prefill_tokens: int = 16384) -> list[dict]:
     """PyTorch vs Triton short conv (3 x 4096 channels, kernel 4, SiLU, carried state) and norms (RMSNorm over
-    hidden 2304; gated RMSNorm over 32 heads x 128) for decode steps of N sequences and a packed prefill."""
+    hidden 2304; gated RMSNorm over 32 heads x 128) for decode steps of N sequences and a packed prefill.
+    ``floor_us``: the fewest bytes each piece must move, at the measured copy rate copy_bw (TB/s)."""
     cases = [(f"decode N={n}", n, 1, None) for n in sizes]
     offsets = torch.tensor([0, prefill_tokens // 8, prefill_tokens // 2, prefill_tokens], device="cuda")
     cases.append((f"prefill {prefill_tokens} tok, 3 seqs", 1, prefill_tokens, offsets))
-    return [row for case in cases for row in _conv_norm_case(*case)]
+    rows = [row for case in cases for row in _conv_norm_case(*case)]
+    for row in rows:
+        row["floor_us"] = round(row["bytes"] / (copy_bw * 1e12) * 1e6, 2)
+    return rows
 
 
 def _conv_norm_case(label: str, B: int, T: int, cu: torch.Tensor | None) -> list[dict]:
@@ -228,22 +234,26 @@ def _conv_norm_case(label: str, B: int, T: int, cu: torch.Tensor | None) -> list
         row = dict(op="conv_norm", case=label, piece=piece, bytes=n_bytes, rel_err=round(err, 6))
         for impl, fn in (("torch", torch_fn), ("triton", triton_fn)):
             row[f"{impl}_us"] = round(eager_us(fn), 2)
-            # A host sync makes CUDA-graph capture fail; detect it without attempting a broken capture.
-            row[f"{impl}_graph_us"] = None if _syncs(fn) else round(median_us(graphed(fn)), 2)
+            row[f"{impl}_graph_us"] = _graph_us(fn)
         rows.append(row)
     return rows
 
 
-def _syncs(fn: Callable[[], object]) -> bool:
-    """Whether fn synchronises with the host (and so cannot be captured in a CUDA graph)."""
+def _graph_us(fn: Callable[[], object]) -> float | None:
+    """Graph-replay time of fn, or None when fn synchronises with the host and so cannot be captured (checked
+    first through PyTorch's sync debug mode, so that no broken capture is attempted)."""
     torch.cuda.set_sync_debug_mode("error")
     try:
         fn()
     except RuntimeError:
-        return True
+        return None
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return False
+    try:
+        return round(median_us(graphed(fn)), 2)
+    except RuntimeError:  # a sync the debug mode does not see
+        torch.cuda.synchronize()
+        return None
 
 
 def _meta(copy_bw: float) -> dict:
@@ -271,12 +281,12 @@ def _sweep_table(rows: list[dict]) -> str:
 
 
 def _conv_norm_table(rows: list[dict]) -> str:
-    lines = ["| case | piece | torch eager (µs) | triton eager (µs) | torch graph (µs) | triton graph (µs) | rel err |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| case | piece | torch eager (µs) | triton eager (µs) | torch graph (µs) | triton graph (µs) | "
+             "floor (µs) | rel err |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tg = "host sync" if r["torch_graph_us"] is None else f"{r['torch_graph_us']:.1f}"
         lines.append(f"| {r['case']} | {r['piece']} | {r['torch_us']:.1f} | {r['triton_us']:.1f} | {tg} | "
-                     f"{r['triton_graph_us']:.1f} | {r['rel_err']:.1e} |")
+                     f"{r['triton_graph_us']:.1f} | {r['floor_us']:.1f} | {r['rel_err']:.1e} |")
     return "\n".join(lines)
 
 
@@ -300,7 +310,7 @@ def main() -> None:
     if args.sweep:
         extras.append(("kda_decode_sweep", sweep(), _sweep_table))
     if args.conv_norm:
-        extras.append(("kda_decode_conv_norm", conv_norm(), _conv_norm_table))
+        extras.append(("kda_decode_conv_norm", conv_norm(rows[0]["copy_TBps"]), _conv_norm_table))
     for name, extra_rows, table in extras:
         _write(Path(args.results_dir), name, _meta(rows[0]["copy_TBps"]), extra_rows, table(extra_rows))
         print(f"\n{name}\n{table(extra_rows)}")
