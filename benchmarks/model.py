@@ -51,7 +51,7 @@ def main() -> None:
         x = torch.randint(0, 32768, (B, T), device="cuda")
         row = {"case": f"train step B={B} T={T}"}
         for backend in BACKENDS:
-            os.environ["KIMI_LINEAR_KDA_BACKEND"] = backend
+            os.environ["KIMI_LINEAR_BACKEND"] = backend
 
             def step(x=x):
                 model.zero_grad(set_to_none=True)
@@ -65,7 +65,7 @@ def main() -> None:
         row = {"case": f"decode N={N} context={context}"}
         prompt = torch.randint(0, 32768, (N, context), device="cuda")
         for backend in BACKENDS:
-            os.environ["KIMI_LINEAR_KDA_BACKEND"] = backend
+            os.environ["KIMI_LINEAR_BACKEND"] = backend
             with torch.no_grad():
                 cache = HybridCache(model.config, N, context + 64, device="cuda", dtype=torch.bfloat16)
                 model(prompt, cache=cache, num_logits_to_keep=1)
@@ -78,7 +78,7 @@ def main() -> None:
                 row[f"{backend} ms"] = timed(decode, warmup=3, iters=20)
         row["speedup"] = row["torch ms"] / row["triton ms"]
         rows.append(row)
-    os.environ.pop("KIMI_LINEAR_KDA_BACKEND", None)
+    os.environ.pop("KIMI_LINEAR_BACKEND", None)
     table = markdown_table(rows, ["case", "torch ms", "triton ms", "speedup"])
     print(table)
     write_results("model", environment(), rows, table)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kimi_linear.ops.backend import BACKEND_ENV
 from kimi_linear.ops.kda import fused_recurrent_kda
 from kimi_linear.ops.kda.gate import prepare_kda_inputs
 from kimi_linear.ops.kda.naive import naive_recurrent_kda
-from kimi_linear.ops.kda.recurrent import BACKEND_ENV
 from kimi_linear.ops.kda.triton_recurrent import _kda_decode_kernel, fused_recurrent_kda_triton
 
 # Small-shape tests run interpreted on the CPU, compiled on a GPU machine.

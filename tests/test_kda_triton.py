@@ -115,13 +115,13 @@ def test_backend_switch(monkeypatch):
     calls = []
     monkeypatch.setattr("kimi_linear.ops.kda.triton_chunk.chunk_kda_triton",
                         lambda *a, **k: calls.append("triton") or chunk_kda_torch(*a, **k))
-    monkeypatch.delenv("KIMI_LINEAR_KDA_BACKEND", raising=False)
+    monkeypatch.delenv("KIMI_LINEAR_BACKEND", raising=False)
     for name, expected in (("torch", []), ("triton", ["triton"]), ("auto", ["triton"] if CUDA else [])):
         calls.clear()
         kda.set_backend(name)
         kda.chunk_kda(**x)
         assert calls == expected, name
-    monkeypatch.setenv("KIMI_LINEAR_KDA_BACKEND", "torch")
+    monkeypatch.setenv("KIMI_LINEAR_BACKEND", "torch")
     calls.clear()
     kda.chunk_kda(**x)
     assert calls == []

@@ -43,7 +43,7 @@ def test_triton_and_torch_backends_agree_forward_and_backward(models, monkeypatc
     pos = torch.cat([torch.arange(77), torch.arange(123)]).cuda()[None].expand(2, -1)
     results = {}
     for backend in ("torch", "triton"):
-        monkeypatch.setenv("KIMI_LINEAR_KDA_BACKEND", backend)
+        monkeypatch.setenv("KIMI_LINEAR_BACKEND", backend)
         gpu.zero_grad()
         out = gpu(x, labels=x, position_ids=pos)
         out.loss.backward()

@@ -92,7 +92,7 @@ def test_experts_match_a_loop_over_tokens():
 
 
 def test_balance_loss_is_one_for_uniform_routing():
-    E, k, T = 4, 2, 8
+    E, T = 4, 8
     idx = torch.tensor([[0, 1], [2, 3]] * (T // 2))[None]
     scores = torch.full((1, T, E), 0.5)
     assert torch.allclose(sequence_balance_loss(scores, idx, E), torch.tensor(1.0))

@@ -3,12 +3,16 @@
 One code path serves batches, packed sequences and decode: every output gathers its W inputs by *virtual
 position* inside its own sequence; positions before the sequence start read the carried state (the last W-1
 pre-conv inputs of that sequence, oldest first), or zeros. Nothing crosses a sequence boundary.
+On CUDA, when no gradient flows (prefill, decode), the Triton kernel of :mod:`kimi_linear.ops.triton_conv`
+computes the same thing in one pass, without host synchronisation (so decode steps can be graph-captured).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from kimi_linear.ops.backend import needs_grad, use_kernel
 
 
 def causal_conv1d(
@@ -26,6 +30,11 @@ def causal_conv1d(
     ``len(cu_seqlens) - 1`` with B = 1 for packed sequences). Accumulates in fp32 (fp64 for fp64 input);
     returns y in x's dtype.
     """
+    if use_kernel(x, supported=not needs_grad(x, weight, initial_state) and x.dtype != torch.float64):
+        from kimi_linear.ops.triton_conv import causal_conv1d_triton
+
+        return causal_conv1d_triton(x, weight, initial_state=initial_state, output_final_state=output_final_state,
+                                    cu_seqlens=cu_seqlens, activation=activation)
     B, T, D = x.shape
     W = weight.shape[-1]
     acc = torch.promote_types(x.dtype, torch.float32)

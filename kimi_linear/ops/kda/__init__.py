@@ -20,42 +20,28 @@ Extra keyword of ``chunk_kda``: ``output_chunk_states=True`` appends the states 
 chunk, ``[sum_n ceil(T_n / 64), H, K, V]`` fp32 (for prefix caching; see :mod:`kimi_linear.ops.kda.chunk`).
 
 Backend: CUDA tensors run the Triton kernels (:mod:`kimi_linear.ops.kda.triton_chunk`), anything else the
-PyTorch chunkwise path. ``set_backend("torch" | "triton" | "auto")`` or the environment variable
-``KIMI_LINEAR_KDA_BACKEND`` (one switch for the chunk and decode ops) overrides that; ``triton`` on the CPU
-needs ``TRITON_INTERPRET=1``.
+PyTorch chunkwise path; :func:`kimi_linear.ops.backend.set_backend` (``"torch"``, ``"triton"``, ``"auto"``) or
+the environment variable ``KIMI_LINEAR_BACKEND`` overrides that for every op at once.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from kimi_linear.ops.backend import set_backend, use_kernel
 from kimi_linear.ops.kda.chunk import chunk_kda as chunk_kda_torch
 from kimi_linear.ops.kda.naive import naive_recurrent_kda
-from kimi_linear.ops.kda.recurrent import BACKEND_ENV, fused_recurrent_kda, kda_backend
+from kimi_linear.ops.kda.recurrent import fused_recurrent_kda
 
 __all__ = ["chunk_kda", "chunk_kda_torch", "fused_recurrent_kda", "naive_recurrent_kda", "set_backend"]
 
 
-def set_backend(name: str) -> None:
-    """Choose the KDA backend for this process: ``auto`` (Triton on CUDA), ``torch`` or ``triton``.
-
-    Stored in ``KIMI_LINEAR_KDA_BACKEND``, so the decode op follows the same switch."""
-    if name not in ("auto", "torch", "triton"):
-        raise ValueError(f"KDA backend must be auto, torch or triton, got {name!r}")
-    os.environ[BACKEND_ENV] = name
-
-
 def _use_triton(q: torch.Tensor, v: torch.Tensor) -> bool:
-    choice = kda_backend()
-    if choice == "auto":
-        if not q.is_cuda:
-            return False
-        from kimi_linear.ops.kda import triton_chunk
+    if not q.is_cuda:
+        return use_kernel(q)
+    from kimi_linear.ops.kda import triton_chunk
 
-        return triton_chunk.supports(q, v)
-    return choice == "triton"
+    return use_kernel(q, supported=triton_chunk.supports(q, v))
 
 
 def chunk_kda(

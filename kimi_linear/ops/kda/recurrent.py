@@ -6,40 +6,24 @@ slot index marks a padding row (a batch padded to a CUDA-graph size): its state 
 its output is zeros.
 
 Backend: CUDA tensors go to the fused Triton kernel (:mod:`kimi_linear.ops.kda.triton_recurrent`), everything
-else to PyTorch. The environment variable ``KIMI_LINEAR_KDA_BACKEND`` (``auto``, ``torch`` or ``triton``), read at
-every call, overrides that: ``torch`` forces the PyTorch path, ``triton`` the kernel (on the CPU it then needs
-``TRITON_INTERPRET=1``).
+else to PyTorch, unless :mod:`kimi_linear.ops.backend` says otherwise.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from kimi_linear.ops.backend import use_kernel
 from kimi_linear.ops.kda.gate import prepare_kda_inputs
 from kimi_linear.ops.kda.naive import naive_recurrent_kda
 
-BACKEND_ENV = "KIMI_LINEAR_KDA_BACKEND"
-
-
-def kda_backend() -> str:
-    """The KDA backend requested through ``KIMI_LINEAR_KDA_BACKEND``: ``auto`` (default), ``torch`` or ``triton``."""
-    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"{BACKEND_ENV} must be auto, torch or triton, got {choice!r}")
-    return choice
-
 
 def _use_triton(q: torch.Tensor, v: torch.Tensor) -> bool:
-    choice = kda_backend()
-    if choice == "auto":
-        if not q.is_cuda:
-            return False
-        from kimi_linear.ops.kda import triton_recurrent
+    if not q.is_cuda:
+        return use_kernel(q)
+    from kimi_linear.ops.kda import triton_recurrent
 
-        return triton_recurrent.supports(q, v)
-    return choice == "triton"
+    return use_kernel(q, supported=triton_recurrent.supports(q, v))
 
 
 @torch.no_grad()

@@ -1,0 +1,43 @@
+"""One switch for every op that has a kernel: ``auto`` (kernels on CUDA, PyTorch elsewhere), ``torch`` (the
+PyTorch reference everywhere) or ``triton`` (kernels everywhere; on the CPU that needs ``TRITON_INTERPRET=1``).
+
+Set it with :func:`set_backend` or the environment variable ``KIMI_LINEAR_BACKEND``; it is read at every call,
+so it can be flipped between steps (benchmarks and tests compare the two paths that way).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKEND_ENV = "KIMI_LINEAR_BACKEND"
+CHOICES = ("auto", "torch", "triton")
+
+
+def backend() -> str:
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(CHOICES)}, got {choice!r}")
+    return choice
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for this process (see the module docstring)."""
+    if name not in CHOICES:
+        raise ValueError(f"backend must be one of {', '.join(CHOICES)}, got {name!r}")
+    os.environ[BACKEND_ENV] = name
+
+
+def use_kernel(x: torch.Tensor, *, supported: bool = True) -> bool:
+    """Whether an op called on ``x`` should run its Triton kernel; ``supported`` is the kernel's own verdict
+    on the inputs (shapes, dtypes, autograd), which ``auto`` respects and ``triton`` overrides."""
+    choice = backend()
+    if choice == "auto":
+        return x.is_cuda and supported
+    return choice == "triton"
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd will differentiate through these tensors (forward-only kernels must not run then)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
