@@ -45,7 +45,7 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)  # files / directories; empty: the stdlib corpus
     seq_len: int = 256
     batch_size: int = 16  # rows per optimizer step, all ranks together
-    steps: int = 500
+    steps: int = 200
     lr: float = 3e-3
     schedule: str = "wsd"
     warmup_steps: int = 20
@@ -53,12 +53,14 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    balance_gamma: float = 1e-3
+    # Router-bias step per optimizer step. DeepSeek-V3 uses 1e-3 over ~10^5 steps; runs here are hundreds of steps
+    # long, and at 1e-3 the bias cannot catch up with the router before the run ends.
+    balance_gamma: float = 1e-2
     balance_loss_coef: float = 0.0
     val_fraction: float = 0.01
     val_rows: int = 64
-    eval_every: int = 100
-    save_every: int = 250
+    eval_every: int = 50
+    save_every: int = 100
     log_every: int = 10
     seed: int = 0
     device: str = "auto"

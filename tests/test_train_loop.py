@@ -1,0 +1,165 @@
+"""The training loop end to end on the ``test`` preset: learning, exact resume, crash-safe checkpoints,
+MoE balancing, the train / plot CLI and its one-line errors."""
+
+import json
+
+import pytest
+import torch
+
+from kimi_linear import KimiLinearForCausalLM
+from kimi_linear.cli import main
+from kimi_linear.train import checkpointing
+from kimi_linear.train.balance import load_imbalance, update_router_bias
+from kimi_linear.train.checkpointing import find_checkpoint, load_trainer_state
+from kimi_linear.train.metrics import read_metrics
+from kimi_linear.train.trainer import TrainConfig, Trainer
+
+
+def write_corpus(directory, n_docs=40):
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        body = "".join(f"    x{j} = {i} * {j} + {j % 7}\n" for j in range(i % 5 + 3))
+        (directory / f"mod{i:02d}.py").write_text(f"def f{i}(a, b):\n{body}    return a + b\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def config(tmp_path, corpus, **overrides):
+    base = dict(name="run", runs_dir=str(tmp_path / "runs"), preset="test", data=[str(corpus)], seq_len=32,
+                batch_size=4, steps=6, warmup_steps=2, eval_every=3, save_every=3, log_every=1, val_fraction=0.1,
+                val_rows=4, progress=False, device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def train_losses(run_dir):
+    return [r["loss"] for r in read_metrics(str(run_dir / "metrics.jsonl")) if r["kind"] == "train"]
+
+
+def test_training_learns_and_saves_a_loadable_model(tmp_path, corpus):
+    cfg = config(tmp_path, corpus, steps=12, lr=1e-2)
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    losses = train_losses(cfg.run_dir)
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.5
+    assert summary["val_bits_per_byte"] < summary["unigram_bits_per_byte"] + 1.5
+    loaded = KimiLinearForCausalLM.from_pretrained(cfg.run_dir)
+    ids, pos = trainer.data.train_batch(0)
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, position_ids=pos).logits, trainer.model(ids, position_ids=pos).logits)
+    biases = [m.gate.e_score_correction_bias for m in loaded.moe_layers()]
+    assert all(b.abs().sum() > 0 for b in biases)  # aux-loss-free balancing moved (and saved) the router bias
+    records = read_metrics(str(cfg.run_dir / "metrics.jsonl"))
+    assert all(len(r["imbalance"]) == len(biases) for r in records if r["kind"] == "train")
+    assert any(r["kind"] == "val" for r in records)
+
+
+def test_resume_continues_the_loss_curve_exactly(tmp_path, corpus):
+    straight = config(tmp_path, corpus, name="straight")
+    Trainer(straight).train()
+    interrupted = config(tmp_path, corpus, name="interrupted")
+    Trainer(interrupted).train(until_step=3)
+    assert load_trainer_state(find_checkpoint(interrupted.run_dir))["step"] == 3
+    Trainer(config(tmp_path, corpus, name="interrupted", resume=True)).train()
+    assert train_losses(interrupted.run_dir) == train_losses(straight.run_dir)
+    a = KimiLinearForCausalLM.from_pretrained(straight.run_dir).state_dict()
+    b = KimiLinearForCausalLM.from_pretrained(interrupted.run_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    cfg = config(tmp_path, corpus)
+    trainer = Trainer(cfg)
+    trainer.train(until_step=3)
+    good = (cfg.run_dir / "checkpoint" / "model.safetensors").read_bytes()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    assert not (cfg.run_dir / "checkpoint.tmp").exists()
+    assert load_trainer_state(find_checkpoint(cfg.run_dir))["step"] == 3
+    assert (cfg.run_dir / "checkpoint" / "model.safetensors").read_bytes() == good
+    assert (cfg.run_dir / "model.safetensors").read_bytes() == good
+
+
+def test_crash_between_renames_falls_back_to_previous(tmp_path, corpus):
+    cfg = config(tmp_path, corpus)
+    Trainer(cfg).train(until_step=3)
+    (cfg.run_dir / "checkpoint").rename(cfg.run_dir / "checkpoint.prev")
+    assert find_checkpoint(cfg.run_dir) == cfg.run_dir / "checkpoint.prev"
+
+
+def test_router_bias_update_rule():
+    class Gate:
+        e_score_correction_bias = torch.zeros(4)
+
+    class Layer:
+        gate = Gate()
+
+    layer = Layer()
+    loads = torch.tensor([[10.0, 2.0, 4.0, 4.0]])
+    update_router_bias([layer], loads, gamma=0.5)
+    assert layer.gate.e_score_correction_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
+    assert load_imbalance(loads) == [2.0]
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+def test_cli_train_then_plot(tmp_path, corpus, capsys):
+    pytest.importorskip("matplotlib")
+    runs = str(tmp_path / "runs")
+    code = main(["train", "--preset", "test", "--data", str(corpus), "--runs-dir", runs, "--name", "c",
+                 "--seq-len", "32", "--batch-size", "4", "--steps", "3", "--warmup-steps", "1", "--val-rows", "2",
+                 "--val-fraction", "0.1", "--no-progress", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "bits/byte vs unigram baseline" in out
+    assert main(["plot", str(tmp_path / "runs" / "c")]) == 0
+    png = tmp_path / "runs" / "c" / "training.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "/nonexistent/corpus"], "does not exist"),
+        (["--batch-size", "4096"], "larger than the training data"),
+        (["--preset", "test", "--config", "x"], "--preset and --config"),
+        (["--expert-parallel"], "several processes"),
+        (["--resume"], "nothing to resume"),
+        (["--warmup-steps", "50"], "warmup"),
+    ],
+)
+def test_cli_bad_input_is_one_line(tmp_path, corpus, capsys, extra, message):
+    argv = ["train", "--runs-dir", str(tmp_path / "runs"), "--seq-len", "32", "--steps", "3", "--no-progress",
+            "--device", "cpu"]
+    if "--warmup-steps" not in extra:
+        argv += ["--warmup-steps", "1"]
+    if "--data" not in extra:
+        argv += ["--data", str(corpus)]
+    if "--preset" not in extra:
+        argv += ["--preset", "test"]
+    code, err = run_cli(argv + extra, capsys)
+    assert code == 1 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_cli_resume_with_other_settings_is_refused(tmp_path, corpus, capsys):
+    cfg = config(tmp_path, corpus)
+    Trainer(cfg).train(until_step=3)
+    base = ["train", "--runs-dir", cfg.runs_dir, "--name", cfg.name, "--resume", "--no-progress"]
+    code, err = run_cli(base + ["--seq-len", "16"], capsys)
+    assert code == 1 and len(err) == 1 and "seq_len" in err[0]
+    code, err = run_cli(["train", "--runs-dir", cfg.runs_dir, "--name", cfg.name, "--no-progress"], capsys)
+    assert code == 1 and "already holds a run" in err[0]
+    state = json.loads((cfg.run_dir / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 3  # the refused runs left the checkpoint alone
