@@ -189,6 +189,16 @@ class Trainer:
             value /= self.env.world
         return float(value)
 
+    def _token_share(self, pos: torch.Tensor) -> torch.Tensor | float:
+        """Weight of this rank's mean loss so that the data-parallel gradient average (FSDP divides by W) is the
+        gradient of the mean over all ranks' predicted tokens, whatever number of document starts each holds."""
+        if self.env.world == 1:
+            return 1.0
+        counts = (pos[:, 1:] != 0).sum().to(torch.float32).reshape(1)
+        total = counts.clone()
+        dist.all_reduce(total)
+        return counts[0] * self.env.world / total[0]
+
     def train_step(self) -> dict:
         cfg, env = self.cfg, self.env
         lr = cfg.lr * self.schedule(self.step)
@@ -198,7 +208,7 @@ class Trainer:
         self.model.train()
         with self.autocast():
             out = self.forward(ids, labels=ids, position_ids=pos, balance_loss_coef=cfg.balance_loss_coef)
-        out.loss.backward()
+        (out.loss * self._token_share(pos)).backward()
         grad_norm = clip_grad_norm([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
