@@ -26,7 +26,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def make_inputs(T, H, K, V, *, seed, B=1, n_state=None, gate="plain", dtype=torch.float32, device=DEVICE):
     """Leaf tensors for one call. gate: ``plain`` (log-decay g, normalised q/k, beta in (0,1)), ``released`` or
-    ``bounded`` (raw gate, raw q/k and beta logit, with A_log and dt_bias: the in-kernel pre-processing)."""
+    ``bounded`` (raw gate, raw q/k and beta logit, with A_log and dt_bias: the in-kernel pre-processing), or
+    ``steep`` (released gate with exp(A_log) ~ 20: decays past e^70 inside a 16-row block, the exact path)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
@@ -41,7 +42,7 @@ def make_inputs(T, H, K, V, *, seed, B=1, n_state=None, gate="plain", dtype=torc
     else:
         x["g"] = rnd(B, T, H, K, scale=2.0).to(dtype)
         x["beta"] = rnd(B, T, H)
-        x["A_log"] = (torch.rand(H, generator=gen) * 2 - 1).to(device)
+        x["A_log"] = (torch.rand(H, generator=gen) * 2 - 1 + (3.0 if gate == "steep" else 0.0)).to(device)
         x["dt_bias"] = rnd(H * K)
     x["initial_state"] = rnd(n_state or B, H, K, V)
     return {n: t.requires_grad_() for n, t in x.items()}
@@ -64,10 +65,11 @@ def forward_backward(fn, x, seed, **kw):
     return o, final, dict(zip(x, grads))
 
 
-def assert_close(x, seed, tol, reference=chunk_kda_torch, **kw):
+def assert_close(x, seed, tol, **kw):
+    """Triton vs the PyTorch chunk path run in fp64 (so the tolerance measures the kernels' own error)."""
     o, f, grads = forward_backward(chunk_kda_triton, x, seed, **kw)
-    ref = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
-    o_r, f_r, grads_r = forward_backward(reference, ref, seed, **kw)
+    ref = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+    o_r, f_r, grads_r = forward_backward(chunk_kda_torch, ref, seed, **kw)
     errors = {"o": rel_err(o, o_r), "final_state": rel_err(f, f_r)}
     errors.update({f"d{n}": rel_err(grads[n], grads_r[n]) for n in x})
     assert all(e <= tol for e in errors.values()), errors
@@ -75,18 +77,18 @@ def assert_close(x, seed, tol, reference=chunk_kda_torch, **kw):
 
 
 @pytest.mark.parametrize(
-    "T,gate", [(1, "plain"), (70, "plain"), (65, "released"), (40, "bounded")]
+    "T,gate", [(1, "plain"), (70, "plain"), (65, "released"), (40, "bounded"), (33, "steep")]
 )
 def test_matches_torch_chunk(T, gate):
     x = make_inputs(T, 2, 32, 32, seed=T, gate=gate)
-    assert_close(x, seed=T, tol=2e-5 if not CUDA else 5e-3, **options(gate))
+    assert_close(x, seed=T, tol=1e-4 if not CUDA else 5e-3, **options(gate))
 
 
 def test_packed_sequences_with_an_empty_one():
     lengths = [17, 64, 0, 40, 1]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     x = make_inputs(sum(lengths), 2, 16, 32, seed=3, n_state=len(lengths), gate="released")
-    assert_close(x, seed=3, tol=2e-5 if not CUDA else 5e-3, cu_seqlens=cu, **options("released"))
+    assert_close(x, seed=3, tol=1e-4 if not CUDA else 5e-3, cu_seqlens=cu, **options("released"))
 
 
 def test_chunk_states_match_torch():
@@ -143,7 +145,7 @@ def check_against_fp64(x, seed, **kw):
     errors = {"o": rel_err(o, o_r), "final_state": rel_err(f, f_r)}
     grad_errors = {f"d{n}": rel_err(grads[n], grads_r[n]) for n in x}
     assert errors["o"] <= 5e-3 and errors["final_state"] <= 5e-3, errors
-    assert all(e <= 1e-2 for e in grad_errors.values()), grad_errors
+    assert all(e <= 1e-2 for e in grad_errors.values()), {n: e for n, e in grad_errors.items() if e > 1e-2}
     return errors | grad_errors
 
 

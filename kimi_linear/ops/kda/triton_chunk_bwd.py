@@ -19,6 +19,7 @@ import triton.language as tl
 
 from kimi_linear.ops.kda.triton_common import (
     SUB,
+    diag_anchor_safe,
     first_row,
     load_G,
     load_qk,
@@ -72,61 +73,74 @@ def state_bwd_kernel(
 
 
 @triton.jit
-def load_state(ptr, i_c, i_h, H, K: tl.constexpr, V: tl.constexpr):
-    """``[K, V]`` fp32 state of chunk i_c, head i_h, from a ``[NC, H, K, V]`` tensor."""
-    offs = (i_c.to(tl.int64) * H + i_h) * K * V + tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :]
-    return tl.load(ptr + offs).to(tl.float32)
+def load_state(ptr, i_c, i_h, H, K: tl.constexpr, V: tl.constexpr, c0, BV: tl.constexpr):
+    """``[K, BV]`` columns c0.. of chunk i_c's state (head i_h) in a ``[NC, H, K, V]`` tensor, in its dtype."""
+    offs = (i_c.to(tl.int64) * H + i_h) * K * V + tl.arange(0, K)[:, None] * V + c0 + tl.arange(0, BV)[None, :]
+    return tl.load(ptr + offs)
 
 
 @triton.jit
 def grads_kernel_a(
     q, k, v, rq, rk, G, beta_f, M, A, h, v_new, do, dh, dv_new,
     dA, dP, dq_part, dk_part, dG_part, dG_last, dbeta, dv, chunk_start, chunk_len, scale, H,
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, L2NORM: tl.constexpr, SIGMOID: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, L2NORM: tl.constexpr,
+    SIGMOID: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0 = tl.load(chunk_start + i_c)
     n = tl.load(chunk_len + i_c)
     rows = tl.arange(0, C)
+    cdt = v_new.dtype.element_ty
+    b = load_vec(beta_f, t0, 0, n, H, i_h, C)
+    m = load_rows(M, t0, 0, n, H, i_h, C, C)
+    # the V-wide products, V block by V block (S, dS: the state at the chunk's start and its gradient at the end)
+    dqg = tl.zeros([C, K], dtype=tl.float32)
+    dkg = tl.zeros([C, K], dtype=tl.float32)
+    dW = tl.zeros([C, K], dtype=tl.float32)
+    dM = tl.zeros([C, C], dtype=tl.float32)
+    dp = tl.zeros([C, C], dtype=tl.float32)
+    db = tl.zeros([C], dtype=tl.float32)
+    dgl = tl.zeros([K], dtype=tl.float32)
+    for iv in tl.static_range(V // BV):
+        S = load_state(h, i_c, i_h, H, K, V, iv * BV, BV).to(cdt)
+        dS = load_state(dh, i_c, i_h, H, K, V, iv * BV, BV).to(cdt)
+        vn = load_tile(v_new, t0, 0, n, H, i_h, V, iv * BV, BV, C).to(cdt)
+        dvn = load_tile(dv_new, t0, 0, n, H, i_h, V, iv * BV, BV, C)
+        d_o = load_tile(do, t0, 0, n, H, i_h, V, iv * BV, BV, C).to(cdt)
+        vt = load_tile(v, t0, 0, n, H, i_h, V, iv * BV, BV, C)
+        dqg += tl.dot(d_o, tl.trans(S))
+        dkg += tl.dot(vn, tl.trans(dS))
+        dW -= tl.dot(dvn.to(cdt), tl.trans(S))
+        dgl += tl.sum(dS.to(tl.float32) * S.to(tl.float32), axis=1)
+        dx_u = tl.dot(tl.trans(m), dvn)
+        dM += tl.dot(dvn, tl.trans(b[:, None] * vt))
+        db += tl.sum(dx_u * vt, axis=1)
+        store_tile(dv, b[:, None] * dx_u, t0, 0, n, H, i_h, V, iv * BV, BV, C)
+        dp += tl.dot(d_o, tl.trans(vn))
+    store_rows(dP, tl.where(rows[:, None] >= rows[None, :], dp, 0.0), t0, 0, n, H, i_h, C, C)
+
     G_last = load_row(G, t0 + n - 1, H, i_h, K)
     Gc = load_G(G, t0, 0, n, H, i_h, G_last, K, C)
     gam = tl.exp(Gc)
-    to_end = tl.exp(G_last[None, :] - Gc)
-    qn = load_qk(q, rq, t0, 0, n, H, i_h, K, C, L2NORM)
     kn = load_qk(k, rk, t0, 0, n, H, i_h, K, C, L2NORM)
-    b = load_vec(beta_f, t0, 0, n, H, i_h, C)
-    m = load_rows(M, t0, 0, n, H, i_h, C, C)
-    S = load_state(h, i_c, i_h, H, K, V)
-    dS = load_state(dh, i_c, i_h, H, K, V)
-    vn = load_rows(v_new, t0, 0, n, H, i_h, V, C)
-    dvn = load_rows(dv_new, t0, 0, n, H, i_h, V, C)
-    d_o = load_rows(do, t0, 0, n, H, i_h, V, C)
-    vt = load_rows(v, t0, 0, n, H, i_h, V, C)
-
-    dqg = tl.dot(d_o, tl.trans(S))
-    dkg = tl.dot(vn, tl.trans(dS))
-    dW = -tl.dot(dvn, tl.trans(S))
     x_w = b[:, None] * gam * kn
     dx_w = tl.dot(tl.trans(m), dW)
-    dx_u = tl.dot(tl.trans(m), dvn)
-    dM = tl.dot(dW, tl.trans(x_w)) + tl.dot(dvn, tl.trans(b[:, None] * vt))
+    dM += tl.dot(dW, tl.trans(x_w))
     dL = -tl.dot(tl.dot(tl.trans(m), dM), tl.trans(m))
     dL = tl.where(rows[:, None] > rows[None, :], dL, 0.0)
-    a = load_rows(A, t0, 0, n, H, i_h, C, C)
-    db = tl.sum(dx_w * gam * kn, axis=1) + tl.sum(dx_u * vt, axis=1) + tl.sum(dL * a, axis=1)
+    db += tl.sum(dx_w * gam * kn, axis=1) + tl.sum(dL * load_rows(A, t0, 0, n, H, i_h, C, C), axis=1)
     if SIGMOID:
         db = db * b * (1.0 - b)
     store_vec(dbeta, db, t0, 0, n, H, i_h, C)
-    store_rows(dv, b[:, None] * dx_u, t0, 0, n, H, i_h, V, C)
     store_rows(dA, b[:, None] * dL, t0, 0, n, H, i_h, C, C)
-    dp = tl.dot(d_o, tl.trans(vn))
-    store_rows(dP, tl.where(rows[:, None] >= rows[None, :], dp, 0.0), t0, 0, n, H, i_h, C, C)
 
+    to_end = tl.exp(G_last[None, :] - Gc)
     kg = kn * to_end
+    qn = load_qk(q, rq, t0, 0, n, H, i_h, K, C, L2NORM)
     store_rows(dq_part, scale * gam * dqg, t0, 0, n, H, i_h, K, C)
     store_rows(dk_part, b[:, None] * gam * dx_w + to_end * dkg, t0, 0, n, H, i_h, K, C)
     store_rows(dG_part, dx_w * x_w + scale * gam * qn * dqg - kg * dkg, t0, 0, n, H, i_h, K, C)
-    dgl = tl.sum(kg * dkg, axis=0) + tl.exp(G_last) * tl.sum(dS * S, axis=1)
+    dgl = tl.sum(kg * dkg, axis=0) + tl.exp(G_last) * dgl
     tl.store(dG_last + (i_c.to(tl.int64) * H + i_h) * K + tl.arange(0, K), dgl)
 
 
@@ -166,8 +180,7 @@ def grads_kernel_b(
         dt = tl.load(dt_bias + i_h * K + tl.arange(0, K))
         dA_log_acc = tl.zeros([K], dtype=tl.float32)
         ddt_acc = tl.zeros([K], dtype=tl.float32)
-    for X_rev in tl.static_range(4):
-        X: tl.constexpr = 3 - X_rev
+    for X in tl.static_range(3, -1, -1):  # last block first: the reverse cumsum carries from later rows
         r0 = X * SUB
         G_x = load_G(G, t0, r0, n, H, i_h, G_last, K, SUB)
         k_x = load_qk(k, rk, t0, r0, n, H, i_h, K, SUB, L2NORM)
@@ -196,7 +209,7 @@ def grads_kernel_b(
             col_p += e_col * tl.dot(tl.trans(load_tile(dP, t0, I * SUB, n, H, i_h, C, r0, SUB, SUB)), q_i)
         dA_xx = load_tile(dA, t0, r0, n, H, i_h, C, r0, SUB, SUB)
         dP_xx = load_tile(dP, t0, r0, n, H, i_h, C, r0, SUB, SUB)
-        if BOUNDED_DIAG:
+        if BOUNDED_DIAG or diag_anchor_safe(G_x):
             e_inv = tl.exp(G_ax[None, :] - G_x)
             row_a += e_x * tl.dot(dA_xx, k_x * e_inv)
             row_p += e_x * tl.dot(dP_xx, k_x * e_inv)

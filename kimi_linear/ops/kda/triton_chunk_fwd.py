@@ -20,6 +20,7 @@ import triton.language as tl
 from kimi_linear.ops.kda.triton_common import (
     SUB,
     anchored_scores,
+    diag_anchor_safe,
     exact_diag_scores,
     first_row,
     gate_fwd,
@@ -56,9 +57,10 @@ def prep_kernel(
         b = tl.sigmoid(b)
     store_vec(beta_out, b, t0, 0, n, H, i_h, C)
     if L2NORM:
-        for src, dst in ((q, rq_out), (k, rk_out)):
-            x = load_rows(src, t0, 0, n, H, i_h, K, C)
-            store_vec(dst, 1.0 / tl.sqrt(tl.sum(x * x, axis=1) + 1e-6), t0, 0, n, H, i_h, C)
+        xq = load_rows(q, t0, 0, n, H, i_h, K, C)
+        store_vec(rq_out, 1.0 / tl.sqrt(tl.sum(xq * xq, axis=1) + 1e-6), t0, 0, n, H, i_h, C)
+        xk = load_rows(k, t0, 0, n, H, i_h, K, C)
+        store_vec(rk_out, 1.0 / tl.sqrt(tl.sum(xk * xk, axis=1) + 1e-6), t0, 0, n, H, i_h, C)
 
 
 @triton.jit
@@ -71,57 +73,57 @@ def store_block(ptr, x, t0, I: tl.constexpr, J: tl.constexpr, n, H, i_h, C: tl.c
 
 
 @triton.jit
-def block_scores(q, k, G, rq, rk, t0, n, H, i_h, G_last, I: tl.constexpr, J: tl.constexpr, K: tl.constexpr,
-                 L2NORM: tl.constexpr, BOUNDED: tl.constexpr):
-    """Block (I, J) of A (k·k, strictly lower) and of the unscaled Aqk (q·k, lower incl. diagonal)."""
+def block_score(x, rx, k, G, rk, t0, n, H, i_h, G_last, I: tl.constexpr, J: tl.constexpr, K: tl.constexpr,
+                STRICT: tl.constexpr, L2NORM: tl.constexpr, BOUNDED: tl.constexpr):
+    """Block (I, J) of ``sum_d x_id k_jd exp(G_id - G_jd)``: with x = k and STRICT, A (strictly lower on the
+    diagonal block); with x = q, the unscaled Aqk (lower including the diagonal)."""
     G_i = load_G(G, t0, I * SUB, n, H, i_h, G_last, K, SUB)
-    k_i = load_qk(k, rk, t0, I * SUB, n, H, i_h, K, SUB, L2NORM)
-    q_i = load_qk(q, rq, t0, I * SUB, n, H, i_h, K, SUB, L2NORM)
+    x_i = load_qk(x, rx, t0, I * SUB, n, H, i_h, K, SUB, L2NORM)
     if I == J:
-        if BOUNDED:
-            G_a = first_row(G_i, SUB)
+        k_i = load_qk(k, rk, t0, I * SUB, n, H, i_h, K, SUB, L2NORM)
+        if BOUNDED or diag_anchor_safe(G_i):
             rows = tl.arange(0, SUB)
-            a = anchored_scores(k_i, G_i, k_i, G_i, G_a)
-            p = anchored_scores(q_i, G_i, k_i, G_i, G_a)
-            a = tl.where(rows[:, None] > rows[None, :], a, 0.0)
-            p = tl.where(rows[:, None] >= rows[None, :], p, 0.0)
+            s = anchored_scores(x_i, G_i, k_i, G_i, first_row(G_i, SUB))
+            if STRICT:
+                s = tl.where(rows[:, None] > rows[None, :], s, 0.0)
+            else:
+                s = tl.where(rows[:, None] >= rows[None, :], s, 0.0)
         else:
-            a = exact_diag_scores(k_i, k_i, G_i, False, SUB)
-            p = exact_diag_scores(q_i, k_i, G_i, True, SUB)
+            s = exact_diag_scores(x_i, k_i, G_i, not STRICT, SUB)
     else:
-        G_a = first_row(G_i, SUB)
         G_j = load_G(G, t0, J * SUB, n, H, i_h, G_last, K, SUB)
         k_j = load_qk(k, rk, t0, J * SUB, n, H, i_h, K, SUB, L2NORM)
-        a = anchored_scores(k_i, G_i, k_j, G_j, G_a)
-        p = anchored_scores(q_i, G_i, k_j, G_j, G_a)
-    return a, p
+        s = anchored_scores(x_i, G_i, k_j, G_j, first_row(G_i, SUB))
+    return s
+
+
+@triton.jit
+def kk_block(k, G, rk, A, t0, n, H, i_h, G_last, I: tl.constexpr, J: tl.constexpr, K: tl.constexpr,
+             C: tl.constexpr, L2NORM: tl.constexpr, BOUNDED: tl.constexpr, SAVE_A: tl.constexpr):
+    """Block (I, J) of A, also stored for the backward pass when SAVE_A."""
+    a = block_score(k, rk, k, G, rk, t0, n, H, i_h, G_last, I, J, K, True, L2NORM, BOUNDED)
+    if SAVE_A:
+        store_block(A, a, t0, I, J, n, H, i_h, C)
+    return a
 
 
 @triton.jit
 def inv_unit_lower(L, R: tl.constexpr):
-    """``(I + L)^-1`` for a strictly lower ``[R, R]`` L, by forward substitution (row i = e_i - L_i·rows<i)."""
+    """``(I + L)^-1`` for a strictly lower ``[16, 16]`` L. L is nilpotent (L^16 = 0), so the inverse is the
+    finite Neumann series, evaluated as ``(I - L)(I + L^2)(I + L^4)(I + L^8)``: six small matrix products
+    instead of sixteen dependent row updates."""
     rows = tl.arange(0, R)
-    inv = (rows[:, None] == rows[None, :]).to(tl.float32)
-    for i in range(1, R):
-        l_i = tl.sum(tl.where((rows == i)[:, None], L, 0.0), axis=0)
-        inv = inv - tl.where((rows == i)[:, None], tl.sum(l_i[:, None] * inv, axis=0)[None, :], 0.0)
-    return inv
+    L2 = mm(L, L)
+    L4 = mm(L2, L2)
+    inv = (rows[:, None] == rows[None, :]).to(tl.float32) - L
+    inv += mm(inv, L2)
+    inv += mm(inv, L4)
+    return inv + mm(inv, mm(L4, L4))
 
 
 @triton.jit
 def mm(a, b):
     return tl.dot(a, b, input_precision="ieee")
-
-
-@triton.jit
-def wu_operands(k, rk, G, beta, v, t0, J: tl.constexpr, n, H, i_h, G_last, K: tl.constexpr, V: tl.constexpr,
-                L2NORM: tl.constexpr):
-    """Rows J of β Γ K and β V: the right-hand sides of W = M (β Γ K), U = M (β V)."""
-    b = load_vec(beta, t0, J * SUB, n, H, i_h, SUB)[:, None]
-    G_j = load_G(G, t0, J * SUB, n, H, i_h, G_last, K, SUB)
-    x_w = b * tl.exp(G_j) * load_qk(k, rk, t0, J * SUB, n, H, i_h, K, SUB, L2NORM)
-    x_u = b * load_rows(v, t0, J * SUB, n, H, i_h, V, SUB)
-    return x_w, x_u
 
 
 @triton.jit
@@ -135,34 +137,21 @@ def intra_kernel(
     n = tl.load(chunk_len + i_c)
     G_last = load_row(G, t0 + n - 1, H, i_h, K)
 
-    a00, p00 = block_scores(q, k, G, rq, rk, t0, n, H, i_h, G_last, 0, 0, K, L2NORM, BOUNDED)
-    a10, p10 = block_scores(q, k, G, rq, rk, t0, n, H, i_h, G_last, 1, 0, K, L2NORM, BOUNDED)
-    a11, p11 = block_scores(q, k, G, rq, rk, t0, n, H, i_h, G_last, 1, 1, K, L2NORM, BOUNDED)
-    a20, p20 = block_scores(q, k, G, rq, rk, t0, n, H, i_h, G_last, 2, 0, K, L2NORM, BOUNDED)
-    a21, p21 = block_scores(q, k, G, rq, rk, t0, n, H, i_h, G_last, 2, 1, K, L2NORM, BOUNDED)
-    a22, p22 = block_scores(q, k, G, rq, rk, t0, n, H, i_h, G_last, 2, 2, K, L2NORM, BOUNDED)
-    a30, p30 = block_scores(q, k, G, rq, rk, t0, n, H, i_h, G_last, 3, 0, K, L2NORM, BOUNDED)
-    a31, p31 = block_scores(q, k, G, rq, rk, t0, n, H, i_h, G_last, 3, 1, K, L2NORM, BOUNDED)
-    a32, p32 = block_scores(q, k, G, rq, rk, t0, n, H, i_h, G_last, 3, 2, K, L2NORM, BOUNDED)
-    a33, p33 = block_scores(q, k, G, rq, rk, t0, n, H, i_h, G_last, 3, 3, K, L2NORM, BOUNDED)
-
+    a00 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 0, 0, K, C, L2NORM, BOUNDED, SAVE_A)
+    a10 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 1, 0, K, C, L2NORM, BOUNDED, SAVE_A)
+    a11 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 1, 1, K, C, L2NORM, BOUNDED, SAVE_A)
+    a20 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 2, 0, K, C, L2NORM, BOUNDED, SAVE_A)
+    a21 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 2, 1, K, C, L2NORM, BOUNDED, SAVE_A)
+    a22 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 2, 2, K, C, L2NORM, BOUNDED, SAVE_A)
+    a30 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 3, 0, K, C, L2NORM, BOUNDED, SAVE_A)
+    a31 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 3, 1, K, C, L2NORM, BOUNDED, SAVE_A)
+    a32 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 3, 2, K, C, L2NORM, BOUNDED, SAVE_A)
+    a33 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 3, 3, K, C, L2NORM, BOUNDED, SAVE_A)
     zero = tl.zeros([SUB, SUB], dtype=tl.float32)
-    store_block(P, p00 * scale, t0, 0, 0, n, H, i_h, C)
-    store_block(P, zero, t0, 0, 1, n, H, i_h, C)
-    store_block(P, zero, t0, 0, 2, n, H, i_h, C)
-    store_block(P, zero, t0, 0, 3, n, H, i_h, C)
-    store_block(P, p10 * scale, t0, 1, 0, n, H, i_h, C)
-    store_block(P, p11 * scale, t0, 1, 1, n, H, i_h, C)
-    store_block(P, zero, t0, 1, 2, n, H, i_h, C)
-    store_block(P, zero, t0, 1, 3, n, H, i_h, C)
-    store_block(P, p20 * scale, t0, 2, 0, n, H, i_h, C)
-    store_block(P, p21 * scale, t0, 2, 1, n, H, i_h, C)
-    store_block(P, p22 * scale, t0, 2, 2, n, H, i_h, C)
-    store_block(P, zero, t0, 2, 3, n, H, i_h, C)
-    store_block(P, p30 * scale, t0, 3, 0, n, H, i_h, C)
-    store_block(P, p31 * scale, t0, 3, 1, n, H, i_h, C)
-    store_block(P, p32 * scale, t0, 3, 2, n, H, i_h, C)
-    store_block(P, p33 * scale, t0, 3, 3, n, H, i_h, C)
+    if SAVE_A:
+        for I in tl.static_range(3):
+            for J in tl.static_range(I + 1, 4):
+                store_block(A, zero, t0, I, J, n, H, i_h, C)
 
     b0 = load_vec(beta, t0, 0, n, H, i_h, SUB)[:, None]
     b1 = load_vec(beta, t0, SUB, n, H, i_h, SUB)[:, None]
@@ -182,56 +171,62 @@ def intra_kernel(
     m30 = -mm(m33, mm(b3 * a30, m00) + mm(b3 * a31, m10) + mm(b3 * a32, m20))
 
     store_block(M, m00, t0, 0, 0, n, H, i_h, C)
-    store_block(M, zero, t0, 0, 1, n, H, i_h, C)
-    store_block(M, zero, t0, 0, 2, n, H, i_h, C)
-    store_block(M, zero, t0, 0, 3, n, H, i_h, C)
     store_block(M, m10, t0, 1, 0, n, H, i_h, C)
     store_block(M, m11, t0, 1, 1, n, H, i_h, C)
-    store_block(M, zero, t0, 1, 2, n, H, i_h, C)
-    store_block(M, zero, t0, 1, 3, n, H, i_h, C)
     store_block(M, m20, t0, 2, 0, n, H, i_h, C)
     store_block(M, m21, t0, 2, 1, n, H, i_h, C)
     store_block(M, m22, t0, 2, 2, n, H, i_h, C)
-    store_block(M, zero, t0, 2, 3, n, H, i_h, C)
     store_block(M, m30, t0, 3, 0, n, H, i_h, C)
     store_block(M, m31, t0, 3, 1, n, H, i_h, C)
     store_block(M, m32, t0, 3, 2, n, H, i_h, C)
     store_block(M, m33, t0, 3, 3, n, H, i_h, C)
-    if SAVE_A:
-        store_block(A, a00, t0, 0, 0, n, H, i_h, C)
-        store_block(A, zero, t0, 0, 1, n, H, i_h, C)
-        store_block(A, zero, t0, 0, 2, n, H, i_h, C)
-        store_block(A, zero, t0, 0, 3, n, H, i_h, C)
-        store_block(A, a10, t0, 1, 0, n, H, i_h, C)
-        store_block(A, a11, t0, 1, 1, n, H, i_h, C)
-        store_block(A, zero, t0, 1, 2, n, H, i_h, C)
-        store_block(A, zero, t0, 1, 3, n, H, i_h, C)
-        store_block(A, a20, t0, 2, 0, n, H, i_h, C)
-        store_block(A, a21, t0, 2, 1, n, H, i_h, C)
-        store_block(A, a22, t0, 2, 2, n, H, i_h, C)
-        store_block(A, zero, t0, 2, 3, n, H, i_h, C)
-        store_block(A, a30, t0, 3, 0, n, H, i_h, C)
-        store_block(A, a31, t0, 3, 1, n, H, i_h, C)
-        store_block(A, a32, t0, 3, 2, n, H, i_h, C)
-        store_block(A, a33, t0, 3, 3, n, H, i_h, C)
-
-    xw0, xu0 = wu_operands(k, rk, G, beta, v, t0, 0, n, H, i_h, G_last, K, V, L2NORM)
-    xw1, xu1 = wu_operands(k, rk, G, beta, v, t0, 1, n, H, i_h, G_last, K, V, L2NORM)
-    xw2, xu2 = wu_operands(k, rk, G, beta, v, t0, 2, n, H, i_h, G_last, K, V, L2NORM)
-    xw3, xu3 = wu_operands(k, rk, G, beta, v, t0, 3, n, H, i_h, G_last, K, V, L2NORM)
-    store_rows(W, mm(m00, xw0), t0, 0, n, H, i_h, K, SUB)
-    store_rows(U, mm(m00, xu0), t0, 0, n, H, i_h, V, SUB)
-    store_rows(W, mm(m10, xw0) + mm(m11, xw1), t0, SUB, n, H, i_h, K, SUB)
-    store_rows(U, mm(m10, xu0) + mm(m11, xu1), t0, SUB, n, H, i_h, V, SUB)
-    store_rows(W, mm(m20, xw0) + mm(m21, xw1) + mm(m22, xw2), t0, 2 * SUB, n, H, i_h, K, SUB)
-    store_rows(U, mm(m20, xu0) + mm(m21, xu1) + mm(m22, xu2), t0, 2 * SUB, n, H, i_h, V, SUB)
-    store_rows(W, mm(m30, xw0) + mm(m31, xw1) + mm(m32, xw2) + mm(m33, xw3), t0, 3 * SUB, n, H, i_h, K, SUB)
-    store_rows(U, mm(m30, xu0) + mm(m31, xu1) + mm(m32, xu2) + mm(m33, xu3), t0, 3 * SUB, n, H, i_h, V, SUB)
-
+    for I in tl.static_range(3):
+        for J in tl.static_range(I + 1, 4):
+            store_block(M, zero, t0, I, J, n, H, i_h, C)
+    # W = M (β Γ K), U = M (β V) as whole-chunk products: read M back (this program just wrote it; the
+    # barrier makes its rows visible to every thread of the program)
+    tl.debug_barrier()
+    m = load_rows(M, t0, 0, n, H, i_h, C, C)
+    b = load_vec(beta, t0, 0, n, H, i_h, C)[:, None]
     G_c = load_G(G, t0, 0, n, H, i_h, G_last, K, C)
+    k_c = load_qk(k, rk, t0, 0, n, H, i_h, K, C, L2NORM)
+    store_rows(W, tl.dot(m, b * tl.exp(G_c) * k_c), t0, 0, n, H, i_h, K, C)
+    store_rows(kg, tl.exp(G_last[None, :] - G_c) * k_c, t0, 0, n, H, i_h, K, C)
+    store_rows(U, tl.dot(m, b * load_rows(v, t0, 0, n, H, i_h, V, C)), t0, 0, n, H, i_h, V, C)
     store_rows(qg, scale * tl.exp(G_c) * load_qk(q, rq, t0, 0, n, H, i_h, K, C, L2NORM), t0, 0, n, H, i_h, K, C)
-    store_rows(kg, tl.exp(G_last[None, :] - G_c) * load_qk(k, rk, t0, 0, n, H, i_h, K, C, L2NORM),
-               t0, 0, n, H, i_h, K, C)
+
+    # P = scale * Aqk, one block at a time (upper blocks stored as zeros so later kernels read whole rows)
+    for I in tl.static_range(4):
+        for J in tl.static_range(4):
+            if J <= I:
+                p = block_score(q, rq, k, G, rk, t0, n, H, i_h, G_last, I, J, K, False, L2NORM, BOUNDED)
+                store_block(P, p * scale, t0, I, J, n, H, i_h, C)
+            else:
+                store_block(P, zero, t0, I, J, n, H, i_h, C)
+    for I in tl.static_range(3):
+        for J in tl.static_range(I + 1, 4):
+            store_block(M, zero, t0, I, J, n, H, i_h, C)
+
+    # W = M (β Γ K), U = M (β V) as whole-chunk products: read M back (this program just wrote it; the
+    # barrier makes its rows visible to every thread of the program)
+    tl.debug_barrier()
+    m = load_rows(M, t0, 0, n, H, i_h, C, C)
+    b = load_vec(beta, t0, 0, n, H, i_h, C)[:, None]
+    G_c = load_G(G, t0, 0, n, H, i_h, G_last, K, C)
+    k_c = load_qk(k, rk, t0, 0, n, H, i_h, K, C, L2NORM)
+    store_rows(W, tl.dot(m, b * tl.exp(G_c) * k_c), t0, 0, n, H, i_h, K, C)
+    store_rows(kg, tl.exp(G_last[None, :] - G_c) * k_c, t0, 0, n, H, i_h, K, C)
+    store_rows(U, tl.dot(m, b * load_rows(v, t0, 0, n, H, i_h, V, C)), t0, 0, n, H, i_h, V, C)
+    store_rows(qg, scale * tl.exp(G_c) * load_qk(q, rq, t0, 0, n, H, i_h, K, C, L2NORM), t0, 0, n, H, i_h, K, C)
+
+    # P = scale * Aqk, one block at a time (upper blocks stored as zeros so later kernels read whole rows)
+    for I in tl.static_range(4):
+        for J in tl.static_range(4):
+            if J <= I:
+                p = block_score(q, rq, k, G, rk, t0, n, H, i_h, G_last, I, J, K, False, L2NORM, BOUNDED)
+                store_block(P, p * scale, t0, I, J, n, H, i_h, C)
+            else:
+                store_block(P, zero, t0, I, J, n, H, i_h, C)
 
 
 @triton.jit

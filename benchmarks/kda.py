@@ -1,0 +1,197 @@
+"""Chunk-KDA benchmark: our Triton op vs fla-core's ``chunk_kda`` vs causal SDPA (flash), bf16, H = 32, K = V = 128.
+
+    python benchmarks/kda.py [--shapes 16x4096,4x16384,1x65536] [--results-dir benchmarks/results] [--no-decode]
+
+Both KDA ops run the model's hot path: raw gate, q/k L2 norm and beta sigmoid inside the op. ``ours`` uses the
+bounded gate (``lower_bound=-5``, what fla's ``safe_gate=True`` runs); ``ours_released`` the released model's
+unbounded gate, whose diagonal blocks need exact pairwise exponentials. Times are ``triton.testing.do_bench``
+medians. fwd runs under ``torch.no_grad`` (prefill); fwd+bwd is one forward and one backward with all grads.
+Roofline per shape: bytes = one read of q, k, v, raw gate (bf16), beta and one write of o (fwd; fwd+bwd adds
+reading do and writing dq, dk, dv, dg); FLOPs = the paper's 6Td² + 3TCd + TC² per head for the forward and
+three times that for fwd+bwd. At the end it runs ``benchmarks/kda_decode.py``'s ``run`` (decode step) if present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kimi_linear.ops.kda.triton_chunk import chunk_kda_triton
+
+H, D, CHUNK = 32, 128, 64
+SHAPES = ((16, 4096), (4, 16384), (1, 65536))
+MATMUL_TFLOPS, COPY_TBPS = 730.0, 3.0  # H100 ceilings measured with the fla numbers (kda.md §4)
+
+
+def inputs(B: int, T: int, seed: int = 0) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+
+    return dict(q=rnd(B, T, H, D), k=rnd(B, T, H, D), v=rnd(B, T, H, D), g=rnd(B, T, H, D), beta=rnd(B, T, H),
+                A_log=torch.rand(H, generator=gen, device="cuda").log(), dt_bias=rnd(H * D, dtype=torch.float32))
+
+
+def ours(x: dict, lower_bound: float | None = -5.0):
+    return chunk_kda_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], A_log=x["A_log"], dt_bias=x["dt_bias"],
+                            lower_bound=lower_bound, use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+
+
+def fla(x: dict):
+    from fla.ops.kda import chunk_kda
+
+    return chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], A_log=x["A_log"], dt_bias=x["dt_bias"],
+                     use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                     safe_gate=True, lower_bound=-5.0)
+
+
+def sdpa(x: dict):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return (torch.nn.functional.scaled_dot_product_attention(
+            x["q"].transpose(1, 2), x["k"].transpose(1, 2), x["v"].transpose(1, 2), is_causal=True),)
+
+
+def _fla_version() -> str | None:
+    try:
+        import fla
+    except ImportError:
+        return None
+    return getattr(fla, "__version__", "unknown")
+
+
+def time_fwd(fn, x: dict) -> float:
+    with torch.no_grad():
+        return do_bench(lambda: fn(x), warmup=50, rep=200, return_mode="median")
+
+
+def time_fwd_bwd(fn, x: dict) -> float:
+    leaves = {n: t.detach().requires_grad_() for n, t in x.items()}
+    do = torch.randn_like(fn(leaves)[0])
+
+    def step():
+        for t in leaves.values():
+            t.grad = None
+        fn(leaves)[0].backward(do)
+
+    return do_bench(step, warmup=50, rep=200, return_mode="median")
+
+
+def roofline(B: int, T: int) -> dict:
+    tok = B * T * H
+    fwd_bytes = tok * (4 * D * 2 + 2 + D * 2)
+    bwd_bytes = fwd_bytes + tok * (D * 2 + 4 * D * 2 + 2)
+    flops = tok * (6 * D * D + 3 * CHUNK * D + CHUNK * CHUNK)
+    return dict(fwd_bytes=fwd_bytes, fwd_flops=flops, fwd_bwd_bytes=bwd_bytes, fwd_bwd_flops=3 * flops,
+                fwd_floor_ms=max(fwd_bytes / COPY_TBPS / 1e9, flops / MATMUL_TFLOPS / 1e9),
+                fwd_bwd_floor_ms=max(bwd_bytes / COPY_TBPS / 1e9, 3 * flops / MATMUL_TFLOPS / 1e9))
+
+
+def agreement(x: dict) -> float:
+    """‖o_ours − o_fla‖ / ‖o_fla‖ on the same inputs (bounded gate)."""
+    with torch.no_grad():
+        a, b = ours(x)[0].float(), fla(x)[0].float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def run(shapes=SHAPES, results_dir: str | Path | None = "benchmarks/results") -> list[dict]:
+    have_fla = _fla_version() is not None
+    impls = {"ours": ours, "ours_released": lambda x: ours(x, None), "sdpa": sdpa}
+    if have_fla:
+        impls["fla"] = fla
+    rows = []
+    for B, T in shapes:
+        x = inputs(B, T)
+        row = dict(B=B, T=T, H=H, K=D, V=D, **roofline(B, T))
+        for name, fn in impls.items():
+            row[f"{name}_fwd_ms"] = round(time_fwd(fn, x), 3)
+            row[f"{name}_fwd_bwd_ms"] = round(time_fwd_bwd(fn, x), 3)
+            torch.cuda.empty_cache()
+        if have_fla:
+            row["rel_err_vs_fla"] = agreement(x)
+            row["fwd_ratio_vs_fla"] = round(row["ours_fwd_ms"] / row["fla_fwd_ms"], 3)
+            row["fwd_bwd_ratio_vs_fla"] = round(row["ours_fwd_bwd_ms"] / row["fla_fwd_bwd_ms"], 3)
+        rows.append(row)
+        print(table(rows[-1:]), flush=True)
+        del x
+        torch.cuda.empty_cache()
+    if results_dir is not None:
+        write(Path(results_dir), rows)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    names = [n for n in ("ours", "ours_released", "fla", "sdpa") if f"{n}_fwd_ms" in rows[0]]
+    head = "| B × T | " + " | ".join(f"{n} fwd | {n} fwd+bwd" for n in names) + \
+        " | ours/fla fwd | ours/fla fwd+bwd | floor fwd | floor fwd+bwd |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = [f"{r[f'{n}_fwd_ms']:.2f} ms | {r[f'{n}_fwd_bwd_ms']:.2f} ms" for n in names]
+        ratios = [f"{r.get(key, float('nan')):.2f}" for key in ("fwd_ratio_vs_fla", "fwd_bwd_ratio_vs_fla")]
+        floors = [f"{r['fwd_floor_ms']:.2f} ms", f"{r['fwd_bwd_floor_ms']:.2f} ms"]
+        lines.append(f"| {r['B']} × {r['T']} | " + " | ".join(cells + ratios + floors) + " |")
+    return "\n".join(lines)
+
+
+def write(results_dir: Path, rows: list[dict]) -> None:
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                fla=_fla_version(), command="python " + " ".join(sys.argv),
+                ceilings=dict(matmul_TFLOPs=MATMUL_TFLOPS, copy_TBps=COPY_TBPS))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "kda.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    header = [f"# chunk KDA, bf16, H = {H}, K = V = {D}", "",
+              f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, fla-core {meta['fla']}",
+              f"Command: `{meta['command']}`", "",
+              "Times: do_bench medians. ours = bounded gate (lower_bound -5, as fla safe_gate); ours_released = "
+              "the released unbounded gate. Floors: bytes / 3.0 TB/s vs FLOPs / 730 TFLOP/s, the larger.", ""]
+    (results_dir / "kda.md").write_text("\n".join(header) + table(rows) + "\n")
+
+
+def profile(B: int, T: int) -> None:
+    """Print the device time of each kernel in one forward+backward of ours (bounded and released gates)."""
+    for lower_bound in (-5.0, None):
+        x = {n: t.requires_grad_() for n, t in inputs(B, T).items()}
+        for _ in range(2):
+            ours(x, lower_bound)[0].sum().backward()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ours(x, lower_bound)[0].sum().backward()
+            torch.cuda.synchronize()
+        print(f"lower_bound={lower_bound}, B={B}, T={T}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES))
+    parser.add_argument("--results-dir", default="benchmarks/results")
+    parser.add_argument("--no-decode", action="store_true", help="skip benchmarks/kda_decode.py")
+    parser.add_argument("--profile", action="store_true", help="per-kernel times of one fwd+bwd at the first shape")
+    args = parser.parse_args()
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+    if args.profile:
+        profile(*shapes[0])
+    rows = run(shapes, args.results_dir)
+    print(table(rows))
+    if not args.no_decode:
+        try:
+            from benchmarks import kda_decode
+        except ImportError:
+            return
+        kda_decode.run(args.results_dir)
+        print((Path(args.results_dir) / "kda_decode.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
