@@ -66,8 +66,10 @@ def _chunks(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.devic
                    as_tensor(offsets))
 
 
-def _block_v(V: int) -> int:
-    return min(V, 64)
+def _block_v(V: int, programs_per_block: int) -> int:
+    """State columns per program of the sequential kernels: 64, or 32 when that leaves the GPU's ~132 SMs
+    with too few programs (one long sequence: sequences × heads is small)."""
+    return 32 if V >= 32 and programs_per_block * (V // 64) < 264 else min(V, 64)
 
 
 def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l2norm, sigmoid,
@@ -94,10 +96,10 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
     U = torch.empty(T, H, V, dtype=cdt, device=dev)
     P = torch.empty(T, H, CHUNK, dtype=cdt, device=dev)
     M = torch.empty(T, H, CHUNK, **f32)
-    A = torch.empty(T, H, CHUNK, **f32) if training else M
+    A = torch.empty(T, H, CHUNK, **f32)
     intra_kernel[grid](
         q, k, v, G, beta_f, rq, rk, W, U, P, M, A, qg, kg, chunks.start, chunks.length, scale, H,
-        K=K, V=V, C=CHUNK, L2NORM=l2norm, BOUNDED=_bounded_diag(lower_bound), SAVE_A=training, num_warps=8,
+        K=K, V=V, C=CHUNK, BK=min(K, 64), L2NORM=l2norm, BOUNDED=_bounded_diag(lower_bound), num_warps=8,
     )
     o = torch.empty(T, H, V, dtype=v.dtype, device=dev)
     final = torch.empty(n_seq, H, K, V, **f32) if want_final else None
@@ -105,12 +107,12 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
     h = torch.empty(chunks.count, H, K, V, dtype=torch.float32 if want_states else cdt, device=dev) if store_h \
         else None
     v_new = torch.empty(T, H, V, dtype=cdt, device=dev) if training else None
-    BV = _block_v(V)
+    BV = _block_v(V, n_seq * H)
     state_out_kernel[(triton.cdiv(V, BV), n_seq * H)](
         W, U, P, qg, kg, G, o, h0 if h0 is not None else G, final if want_final else G, h if store_h else G,
         v_new if training else G, chunks.cu, chunks.offset, H,
         K=K, V=V, BV=BV, C=CHUNK, HAS_H0=h0 is not None, STORE_HT=want_final, STORE_H=store_h, STORE_V=training,
-        num_warps=8,
+        num_warps=4 if BV < 64 else 8,
     )
     saved = dict(G=G, beta_f=beta_f, rq=rq, rk=rk, W=W, P=P, qg=qg, kg=kg, M=M, A=A, h=h, v_new=v_new)
     return o, final, h if want_states else None, saved
@@ -172,13 +174,13 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
     dh = torch.empty(chunks.count, H, K, V, dtype=cdt, device=dev)
     dv_new = torch.empty(T, H, V, dtype=cdt, device=dev)
     dh0 = torch.empty(n_seq, H, K, V, **f32)
-    BV = _block_v(V)
+    BV = _block_v(V, n_seq * H)
     G = saved["G"]
     rq, rk = saved["rq"], saved["rk"]
     state_bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
         do, saved["P"], saved["qg"], saved["kg"], saved["W"], G, dfinal if dfinal is not None else G, dh, dv_new,
         dh0, chunks.cu, chunks.offset, H,
-        K=K, V=V, BV=BV, C=CHUNK, HAS_DHT=dfinal is not None, num_warps=8,
+        K=K, V=V, BV=BV, C=CHUNK, HAS_DHT=dfinal is not None, num_warps=4 if BV < 64 else 8,
     )
     # 2. per chunk: everything that needs whole rows of K and V
     dA = torch.empty(T, H, CHUNK, **f32)
@@ -191,7 +193,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
     grads_kernel_a[grid](
         q, k, v, rq, rk, G, saved["beta_f"], saved["M"], saved["A"], saved["h"], saved["v_new"], do, dh,
         dv_new, dA, dP, dq_part, dk_part, dG_part, dG_last, dbeta, dv, chunks.start, chunks.length, scale, H,
-        K=K, V=V, BV=BV, C=CHUNK, L2NORM=l2norm, SIGMOID=sigmoid, num_warps=8,
+        K=K, V=V, BV=min(V, 64), C=CHUNK, L2NORM=l2norm, SIGMOID=sigmoid, num_warps=8,
     )
     # 3. per chunk: the decayed-score gradients, the reverse cumsum into g, and the fused pre-processing
     dq, dk = torch.empty_like(q), torch.empty_like(k)
@@ -202,8 +204,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
         q, k, g, rq, rk, G, A_log if has_gate else G, dt_bias if has_gate else G, dA, dP, dq_part, dk_part,
         dG_part, dG_last, dq, dk, dg, dA_log_part if has_gate else G, ddt_part if has_gate else G,
         chunks.start, chunks.length, float(lower_bound or 0.0), scale, H,
-        K=K, C=CHUNK, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, BOUNDED_DIAG=_bounded_diag(lower_bound),
-        L2NORM=l2norm, num_warps=8,
+        K=K, C=CHUNK, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, L2NORM=l2norm, num_warps=8,
     )
     dA_log = dA_log_part.sum(0).view_as(A_log) if has_gate else None
     ddt_bias = ddt_part.sum(0).view_as(dt_bias) if has_gate else None

@@ -166,8 +166,7 @@ def exact_diag_grads(D, k, x, G, R: tl.constexpr):
 def grads_kernel_b(
     q, k, g, rq, rk, G, A_log, dt_bias, dA, dP, dq_part, dk_part, dG_part, dG_last, dq, dk, dg,
     dA_log_part, ddt_part, chunk_start, chunk_len, lower_bound, scale, H,
-    K: tl.constexpr, C: tl.constexpr, HAS_GATE: tl.constexpr, BOUNDED: tl.constexpr, BOUNDED_DIAG: tl.constexpr,
-    L2NORM: tl.constexpr,
+    K: tl.constexpr, C: tl.constexpr, HAS_GATE: tl.constexpr, BOUNDED: tl.constexpr, L2NORM: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0 = tl.load(chunk_start + i_c)
@@ -209,7 +208,7 @@ def grads_kernel_b(
             col_p += e_col * tl.dot(tl.trans(load_tile(dP, t0, I * SUB, n, H, i_h, C, r0, SUB, SUB)), q_i)
         dA_xx = load_tile(dA, t0, r0, n, H, i_h, C, r0, SUB, SUB)
         dP_xx = load_tile(dP, t0, r0, n, H, i_h, C, r0, SUB, SUB)
-        if BOUNDED_DIAG or diag_anchor_safe(G_x):
+        if diag_anchor_safe(G_x):
             e_inv = tl.exp(G_ax[None, :] - G_x)
             row_a += e_x * tl.dot(dA_xx, k_x * e_inv)
             row_p += e_x * tl.dot(dP_xx, k_x * e_inv)

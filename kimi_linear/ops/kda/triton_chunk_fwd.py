@@ -2,9 +2,10 @@
 
 1. :func:`prep_kernel` (chunk-parallel): gate activation, in-chunk cumsum G (fp32), beta sigmoid, and the q/k
    L2-norm factors.
-2. :func:`intra_kernel` (chunk-parallel): the 64×64 decayed scores in 16×16 blocks (anchored at each row
-   block's first row, never a later token), ``M = (I + diag(β) A)^-1`` by blocks, ``W = M (β Γ K)``,
-   ``U = M (β V)``, ``P = scale·Aqk``, and the decayed ``qg = scale Q Γ``, ``kg = K exp(G_last - G)``.
+2. :func:`intra_kernel` (chunk-parallel): the 64×64 decayed scores A (k·k) and P = scale·Aqk as whole-chunk
+   products, one per 16-row block anchored at that block's first row (never a later token), with exact
+   pairwise exponentials for diagonal blocks whose decay is too steep; ``M = (I + diag(β) A)^-1`` by 16×16
+   blocks; ``W = M (β Γ K)``, ``U = M (β V)``; and the decayed ``qg = scale Q Γ``, ``kg = K exp(G_last - G)``.
 3. :func:`state_out_kernel` (sequential over a sequence's chunks, parallel over sequences × heads × V
    blocks): ``V' = U - W S``, ``O = qg S + P V'``, ``S <- exp(G_last) S + kg^T V'``; optionally stores the
    state at every chunk start and V' (both needed by the backward pass).
@@ -18,15 +19,16 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.kda.triton_common import (
+    SAFE_DECAY,
     SUB,
-    anchored_scores,
-    diag_anchor_safe,
     exact_diag_scores,
-    first_row,
     gate_fwd,
     load_G,
+    load_G_cols,
     load_qk,
+    load_qk_cols,
     load_row,
+    load_row_cols,
     load_rows,
     load_tile,
     load_vec,
@@ -73,38 +75,24 @@ def store_block(ptr, x, t0, I: tl.constexpr, J: tl.constexpr, n, H, i_h, C: tl.c
 
 
 @triton.jit
-def block_score(x, rx, k, G, rk, t0, n, H, i_h, G_last, I: tl.constexpr, J: tl.constexpr, K: tl.constexpr,
-                STRICT: tl.constexpr, L2NORM: tl.constexpr, BOUNDED: tl.constexpr):
-    """Block (I, J) of ``sum_d x_id k_jd exp(G_id - G_jd)``: with x = k and STRICT, A (strictly lower on the
-    diagonal block); with x = q, the unscaled Aqk (lower including the diagonal)."""
-    G_i = load_G(G, t0, I * SUB, n, H, i_h, G_last, K, SUB)
-    x_i = load_qk(x, rx, t0, I * SUB, n, H, i_h, K, SUB, L2NORM)
-    if I == J:
-        k_i = load_qk(k, rk, t0, I * SUB, n, H, i_h, K, SUB, L2NORM)
-        if BOUNDED or diag_anchor_safe(G_i):
-            rows = tl.arange(0, SUB)
-            s = anchored_scores(x_i, G_i, k_i, G_i, first_row(G_i, SUB))
-            if STRICT:
-                s = tl.where(rows[:, None] > rows[None, :], s, 0.0)
-            else:
-                s = tl.where(rows[:, None] >= rows[None, :], s, 0.0)
-        else:
-            s = exact_diag_scores(x_i, k_i, G_i, not STRICT, SUB)
-    else:
-        G_j = load_G(G, t0, J * SUB, n, H, i_h, G_last, K, SUB)
-        k_j = load_qk(k, rk, t0, J * SUB, n, H, i_h, K, SUB, L2NORM)
-        s = anchored_scores(x_i, G_i, k_j, G_j, first_row(G_i, SUB))
-    return s
+def anchor_safe(G, t0, r0, n, H, i_h, K: tl.constexpr, BOUNDED: tl.constexpr):
+    """Whether the 16-row block starting at row r0 may anchor its own diagonal block (see diag_anchor_safe):
+    always for the bounded gate, else when its decay from first to last row stays under e^70."""
+    if BOUNDED:
+        return True
+    first = load_row(G, t0 + tl.minimum(r0, n - 1), H, i_h, K)
+    last = load_row(G, t0 + tl.minimum(r0 + SUB - 1, n - 1), H, i_h, K)
+    return tl.max(first - last, axis=0) < SAFE_DECAY
 
 
 @triton.jit
-def kk_block(k, G, rk, A, t0, n, H, i_h, G_last, I: tl.constexpr, J: tl.constexpr, K: tl.constexpr,
-             C: tl.constexpr, L2NORM: tl.constexpr, BOUNDED: tl.constexpr, SAVE_A: tl.constexpr):
-    """Block (I, J) of A, also stored for the backward pass when SAVE_A."""
-    a = block_score(k, rk, k, G, rk, t0, n, H, i_h, G_last, I, J, K, True, L2NORM, BOUNDED)
-    if SAVE_A:
-        store_block(A, a, t0, I, J, n, H, i_h, C)
-    return a
+def exact_diag_block(x, rx, k, G, rk, t0, n, H, i_h, G_last, I: tl.constexpr, K: tl.constexpr,
+                     STRICT: tl.constexpr, L2NORM: tl.constexpr):
+    """Diagonal block I of ``sum_d x_id k_jd exp(G_id - G_jd)`` from exact pairwise exponentials."""
+    G_i = load_G(G, t0, I * SUB, n, H, i_h, G_last, K, SUB)
+    x_i = load_qk(x, rx, t0, I * SUB, n, H, i_h, K, SUB, L2NORM)
+    k_i = load_qk(k, rk, t0, I * SUB, n, H, i_h, K, SUB, L2NORM)
+    return exact_diag_scores(x_i, k_i, G_i, not STRICT, SUB)
 
 
 @triton.jit
@@ -129,29 +117,60 @@ def mm(a, b):
 @triton.jit
 def intra_kernel(
     q, k, v, G, beta, rq, rk, W, U, P, M, A, qg, kg, chunk_start, chunk_len, scale, H,
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, L2NORM: tl.constexpr, BOUNDED: tl.constexpr,
-    SAVE_A: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr,
+    BOUNDED: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0 = tl.load(chunk_start + i_c)
     n = tl.load(chunk_len + i_c)
+    rows = tl.arange(0, C)
     G_last = load_row(G, t0 + n - 1, H, i_h, K)
-
-    a00 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 0, 0, K, C, L2NORM, BOUNDED, SAVE_A)
-    a10 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 1, 0, K, C, L2NORM, BOUNDED, SAVE_A)
-    a11 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 1, 1, K, C, L2NORM, BOUNDED, SAVE_A)
-    a20 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 2, 0, K, C, L2NORM, BOUNDED, SAVE_A)
-    a21 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 2, 1, K, C, L2NORM, BOUNDED, SAVE_A)
-    a22 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 2, 2, K, C, L2NORM, BOUNDED, SAVE_A)
-    a30 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 3, 0, K, C, L2NORM, BOUNDED, SAVE_A)
-    a31 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 3, 1, K, C, L2NORM, BOUNDED, SAVE_A)
-    a32 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 3, 2, K, C, L2NORM, BOUNDED, SAVE_A)
-    a33 = kk_block(k, G, rk, A, t0, n, H, i_h, G_last, 3, 3, K, C, L2NORM, BOUNDED, SAVE_A)
+    # A (k·k) and Aqk (q·k) as whole-chunk products, one per anchor and K slice: rows of block I are scaled
+    # by exp(G_i - G_a), columns up to the block's end by exp(G_a - G_j), G_a the block's first row, so no
+    # row sees a later anchor. Columns before the block give factors <= 1; on the diagonal block the factor
+    # is < e^82.5 for the bounded gate, else capped at e^SAFE_DECAY (finite), and blocks whose decay exceeds
+    # that are redone exactly below.
+    a = tl.zeros([C, C], dtype=tl.float32)
+    p = tl.zeros([C, C], dtype=tl.float32)
+    for kk in tl.static_range(K // BK):
+        G_s = load_G_cols(G, t0, 0, n, H, i_h, load_row_cols(G, t0 + n - 1, H, i_h, K, kk * BK, BK), K, kk * BK,
+                          BK, C)
+        k_s = load_qk_cols(k, rk, t0, 0, n, H, i_h, K, kk * BK, BK, C, L2NORM)
+        q_s = load_qk_cols(q, rq, t0, 0, n, H, i_h, K, kk * BK, BK, C, L2NORM)
+        for I in tl.static_range(4):
+            G_a = load_row_cols(G, t0 + tl.minimum(I * SUB, n - 1), H, i_h, K, kk * BK, BK)
+            in_block = ((rows >= I * SUB) & (rows < I * SUB + SUB))[:, None]
+            e_row = tl.where(in_block, tl.exp(tl.where(in_block, G_s - G_a[None, :], 0.0)), 0.0)
+            upto = (rows < I * SUB + SUB)[:, None]
+            ea = tl.where(upto, G_a[None, :] - G_s, 0.0)
+            if not BOUNDED:
+                ea = tl.minimum(ea, SAFE_DECAY)
+            kt = tl.where(upto, k_s * tl.exp(ea), 0.0)
+            a += tl.dot(k_s * e_row, tl.trans(kt))
+            p += tl.dot(q_s * e_row, tl.trans(kt))
+    store_rows(A, tl.where(rows[:, None] > rows[None, :], a, 0.0), t0, 0, n, H, i_h, C, C)
+    store_rows(P, tl.where(rows[:, None] >= rows[None, :], p * scale, 0.0), t0, 0, n, H, i_h, C, C)
+    if not BOUNDED:
+        tl.debug_barrier()
+        for I in tl.static_range(4):
+            if not anchor_safe(G, t0, I * SUB, n, H, i_h, K, BOUNDED):
+                a_ii = exact_diag_block(k, rk, k, G, rk, t0, n, H, i_h, G_last, I, K, True, L2NORM)
+                p_ii = exact_diag_block(q, rq, k, G, rk, t0, n, H, i_h, G_last, I, K, False, L2NORM)
+                store_block(A, a_ii, t0, I, I, n, H, i_h, C)
+                store_block(P, p_ii * scale, t0, I, I, n, H, i_h, C)
+    # the blocks of A back from memory (written above by this program; the barrier orders it)
+    tl.debug_barrier()
+    a00 = load_tile(A, t0, 0, n, H, i_h, C, 0, SUB, SUB)
+    a10 = load_tile(A, t0, SUB, n, H, i_h, C, 0, SUB, SUB)
+    a11 = load_tile(A, t0, SUB, n, H, i_h, C, SUB, SUB, SUB)
+    a20 = load_tile(A, t0, 2 * SUB, n, H, i_h, C, 0, SUB, SUB)
+    a21 = load_tile(A, t0, 2 * SUB, n, H, i_h, C, SUB, SUB, SUB)
+    a22 = load_tile(A, t0, 2 * SUB, n, H, i_h, C, 2 * SUB, SUB, SUB)
+    a30 = load_tile(A, t0, 3 * SUB, n, H, i_h, C, 0, SUB, SUB)
+    a31 = load_tile(A, t0, 3 * SUB, n, H, i_h, C, SUB, SUB, SUB)
+    a32 = load_tile(A, t0, 3 * SUB, n, H, i_h, C, 2 * SUB, SUB, SUB)
+    a33 = load_tile(A, t0, 3 * SUB, n, H, i_h, C, 3 * SUB, SUB, SUB)
     zero = tl.zeros([SUB, SUB], dtype=tl.float32)
-    if SAVE_A:
-        for I in tl.static_range(3):
-            for J in tl.static_range(I + 1, 4):
-                store_block(A, zero, t0, I, J, n, H, i_h, C)
 
     b0 = load_vec(beta, t0, 0, n, H, i_h, SUB)[:, None]
     b1 = load_vec(beta, t0, SUB, n, H, i_h, SUB)[:, None]
@@ -194,39 +213,6 @@ def intra_kernel(
     store_rows(kg, tl.exp(G_last[None, :] - G_c) * k_c, t0, 0, n, H, i_h, K, C)
     store_rows(U, tl.dot(m, b * load_rows(v, t0, 0, n, H, i_h, V, C)), t0, 0, n, H, i_h, V, C)
     store_rows(qg, scale * tl.exp(G_c) * load_qk(q, rq, t0, 0, n, H, i_h, K, C, L2NORM), t0, 0, n, H, i_h, K, C)
-
-    # P = scale * Aqk, one block at a time (upper blocks stored as zeros so later kernels read whole rows)
-    for I in tl.static_range(4):
-        for J in tl.static_range(4):
-            if J <= I:
-                p = block_score(q, rq, k, G, rk, t0, n, H, i_h, G_last, I, J, K, False, L2NORM, BOUNDED)
-                store_block(P, p * scale, t0, I, J, n, H, i_h, C)
-            else:
-                store_block(P, zero, t0, I, J, n, H, i_h, C)
-    for I in tl.static_range(3):
-        for J in tl.static_range(I + 1, 4):
-            store_block(M, zero, t0, I, J, n, H, i_h, C)
-
-    # W = M (β Γ K), U = M (β V) as whole-chunk products: read M back (this program just wrote it; the
-    # barrier makes its rows visible to every thread of the program)
-    tl.debug_barrier()
-    m = load_rows(M, t0, 0, n, H, i_h, C, C)
-    b = load_vec(beta, t0, 0, n, H, i_h, C)[:, None]
-    G_c = load_G(G, t0, 0, n, H, i_h, G_last, K, C)
-    k_c = load_qk(k, rk, t0, 0, n, H, i_h, K, C, L2NORM)
-    store_rows(W, tl.dot(m, b * tl.exp(G_c) * k_c), t0, 0, n, H, i_h, K, C)
-    store_rows(kg, tl.exp(G_last[None, :] - G_c) * k_c, t0, 0, n, H, i_h, K, C)
-    store_rows(U, tl.dot(m, b * load_rows(v, t0, 0, n, H, i_h, V, C)), t0, 0, n, H, i_h, V, C)
-    store_rows(qg, scale * tl.exp(G_c) * load_qk(q, rq, t0, 0, n, H, i_h, K, C, L2NORM), t0, 0, n, H, i_h, K, C)
-
-    # P = scale * Aqk, one block at a time (upper blocks stored as zeros so later kernels read whole rows)
-    for I in tl.static_range(4):
-        for J in tl.static_range(4):
-            if J <= I:
-                p = block_score(q, rq, k, G, rk, t0, n, H, i_h, G_last, I, J, K, False, L2NORM, BOUNDED)
-                store_block(P, p * scale, t0, I, J, n, H, i_h, C)
-            else:
-                store_block(P, zero, t0, I, J, n, H, i_h, C)
 
 
 @triton.jit

@@ -13,6 +13,8 @@ import triton.language as tl
 
 CHUNK = 64  # tokens per chunk (host side; kernels take it as the constexpr C)
 SUB = tl.constexpr(16)  # rows per sub-chunk
+# largest in-block decay (nats, first row to last) for which a diagonal block may use an anchored product
+SAFE_DECAY = tl.constexpr(70.0)
 
 
 @triton.jit
@@ -51,7 +53,13 @@ def store_rows(ptr, x, t0, r0, n, H, i_h, D: tl.constexpr, R: tl.constexpr):
 @triton.jit
 def load_row(ptr, t, H, i_h, D: tl.constexpr):
     """One token's ``[D]`` vector of a ``[T, H, D]`` tensor, fp32."""
-    return tl.load(ptr + (t.to(tl.int64) * H + i_h) * D + tl.arange(0, D)).to(tl.float32)
+    return load_row_cols(ptr, t, H, i_h, D, 0, D)
+
+
+@triton.jit
+def load_row_cols(ptr, t, H, i_h, STRIDE: tl.constexpr, c0, D: tl.constexpr):
+    """Columns c0 .. c0+D-1 of one token's row of a ``[T, H, STRIDE]`` tensor, fp32."""
+    return tl.load(ptr + (t.to(tl.int64) * H + i_h) * STRIDE + c0 + tl.arange(0, D)).to(tl.float32)
 
 
 @triton.jit
@@ -71,15 +79,28 @@ def store_vec(ptr, x, t0, r0, n, H, i_h, R: tl.constexpr):
 def load_G(G_ptr, t0, r0, n, H, i_h, G_last, K: tl.constexpr, R: tl.constexpr):
     """Cumulative log-decay tile; rows past the chunk's end repeat G_last (they stand for g = 0), so every
     difference of two G rows stays <= 0 in the right direction and no exponential can overflow."""
+    return load_G_cols(G_ptr, t0, r0, n, H, i_h, G_last, K, 0, K, R)
+
+
+@triton.jit
+def load_G_cols(G_ptr, t0, r0, n, H, i_h, G_last, K: tl.constexpr, c0, D: tl.constexpr, R: tl.constexpr):
+    """Columns c0.. of :func:`load_G` (G_last: those columns of the chunk's last row)."""
     r = r0 + tl.arange(0, R)
-    G = load_rows(G_ptr, t0, r0, n, H, i_h, K, R)
+    G = load_tile(G_ptr, t0, r0, n, H, i_h, K, c0, D, R)
     return tl.where((r < n)[:, None], G, G_last[None, :])
 
 
 @triton.jit
 def load_qk(ptr, rnorm_ptr, t0, r0, n, H, i_h, K: tl.constexpr, R: tl.constexpr, L2NORM: tl.constexpr):
     """q or k tile, L2-normalised with the per-row factors 1/sqrt(sum x^2 + eps) when L2NORM."""
-    x = load_rows(ptr, t0, r0, n, H, i_h, K, R)
+    return load_qk_cols(ptr, rnorm_ptr, t0, r0, n, H, i_h, K, 0, K, R, L2NORM)
+
+
+@triton.jit
+def load_qk_cols(ptr, rnorm_ptr, t0, r0, n, H, i_h, K: tl.constexpr, c0, D: tl.constexpr, R: tl.constexpr,
+                 L2NORM: tl.constexpr):
+    """Columns c0.. of :func:`load_qk`."""
+    x = load_tile(ptr, t0, r0, n, H, i_h, K, c0, D, R)
     if L2NORM:
         x = x * load_vec(rnorm_ptr, t0, r0, n, H, i_h, R)[:, None]
     return x
@@ -112,10 +133,10 @@ def anchored_scores(x_i, G_i, k_j, G_j, G_a):
 @triton.jit
 def diag_anchor_safe(G):
     """Whether a diagonal ``[16, K]`` block of G may use an anchored product: its decay from the first row to
-    the last stays under e^70 in every channel, so exp(G_first - G_j) cannot overflow fp32 (e^88). Bounded
-    gates (lower_bound >= -5.5, at most 82.5 over 15 steps) are safe by construction; the released gate is
-    checked per block at run time and falls back to exact pairwise exponentials."""
-    return tl.max(tl.max(first_row(G, G.shape[0])[None, :] - G, axis=1), axis=0) < 70.0
+    the last stays under e^70 in every channel, so exp(G_first - G_j) times the gradients it multiplies stays
+    well inside fp32 (e^88). Checked per block at run time for every gate; steeper blocks use exact pairwise
+    exponentials."""
+    return tl.max(tl.max(first_row(G, G.shape[0])[None, :] - G, axis=1), axis=0) < SAFE_DECAY
 
 
 @triton.jit
