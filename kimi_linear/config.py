@@ -337,6 +337,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # chunkwise KDA on CPU runs about twice as fast as with 64 (the built-in training job's 10-minute budget).
     "tiny": _small(hidden=256, layers=4, mla_every=4, heads=4, head_dim=32, experts=8, top_k=2, moe_inter=256,
                    vocab=320),
+    # ~1B-parameter hybrid MoE (9 KDA + 3 MLA layers, 16 experts top-2 + shared; ~0.3B activated) for the
+    # single-GPU training benchmark (benchmarks/train.py).
+    "1b": _small(hidden=1536, layers=12, mla_every=4, heads=12, head_dim=128, experts=16, top_k=2, moe_inter=768,
+                 vocab=32768),
     # Smallest complete model, for unit tests.
     "test": _small(hidden=64, layers=4, mla_every=4, heads=2, head_dim=32, experts=4, top_k=2, moe_inter=32,
                    vocab=320),
