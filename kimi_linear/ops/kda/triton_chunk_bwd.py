@@ -86,62 +86,72 @@ def grads_kernel_a(
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, L2NORM: tl.constexpr,
     SIGMOID: tl.constexpr,
 ):
+    """Three passes over V (S, dS: the state at the chunk's start and its gradient at the end), one [C, K]
+    accumulator live at a time; the per-token partials go straight to memory (re-read when added to)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0 = tl.load(chunk_start + i_c)
     n = tl.load(chunk_len + i_c)
     rows = tl.arange(0, C)
     cdt = v_new.dtype.element_ty
-    b = load_vec(beta_f, t0, 0, n, H, i_h, C)
-    m = load_rows(M, t0, 0, n, H, i_h, C, C)
-    # the V-wide products, V block by V block (S, dS: the state at the chunk's start and its gradient at the end)
+    G_last = load_row(G, t0 + n - 1, H, i_h, K)
+
+    # 1. through O = qg S + P V': dqg = dO S^T (-> dq, dG) and dP = dO V'^T
     dqg = tl.zeros([C, K], dtype=tl.float32)
-    dkg = tl.zeros([C, K], dtype=tl.float32)
-    dW = tl.zeros([C, K], dtype=tl.float32)
-    dM = tl.zeros([C, C], dtype=tl.float32)
     dp = tl.zeros([C, C], dtype=tl.float32)
-    db = tl.zeros([C], dtype=tl.float32)
+    for iv in tl.static_range(V // BV):
+        d_o = load_tile(do, t0, 0, n, H, i_h, V, iv * BV, BV, C).to(cdt)
+        dqg += tl.dot(d_o, tl.trans(load_state(h, i_c, i_h, H, K, V, iv * BV, BV).to(cdt)))
+        dp += tl.dot(d_o, tl.trans(load_tile(v_new, t0, 0, n, H, i_h, V, iv * BV, BV, C).to(cdt)))
+    store_rows(dP, tl.where(rows[:, None] >= rows[None, :], dp, 0.0), t0, 0, n, H, i_h, C, C)
+    qg = scale * tl.exp(load_G(G, t0, 0, n, H, i_h, G_last, K, C)) * load_qk(q, rq, t0, 0, n, H, i_h, K, C, L2NORM)
+    store_rows(dq_part, scale * tl.exp(load_G(G, t0, 0, n, H, i_h, G_last, K, C)) * dqg, t0, 0, n, H, i_h, K, C)
+    store_rows(dG_part, qg * dqg, t0, 0, n, H, i_h, K, C)
+
+    # 2. through S_end = exp(G_last) S + kg^T V': dkg = V' dS^T (-> dk, dG, dG_last)
+    dkg = tl.zeros([C, K], dtype=tl.float32)
     dgl = tl.zeros([K], dtype=tl.float32)
     for iv in tl.static_range(V // BV):
-        S = load_state(h, i_c, i_h, H, K, V, iv * BV, BV).to(cdt)
-        dS = load_state(dh, i_c, i_h, H, K, V, iv * BV, BV).to(cdt)
-        vn = load_tile(v_new, t0, 0, n, H, i_h, V, iv * BV, BV, C).to(cdt)
+        dS = load_state(dh, i_c, i_h, H, K, V, iv * BV, BV)
+        dkg += tl.dot(load_tile(v_new, t0, 0, n, H, i_h, V, iv * BV, BV, C).to(cdt), tl.trans(dS.to(cdt)))
+        dgl += tl.sum(dS.to(tl.float32) * load_state(h, i_c, i_h, H, K, V, iv * BV, BV).to(tl.float32), axis=1)
+    to_end = tl.exp(G_last[None, :] - load_G(G, t0, 0, n, H, i_h, G_last, K, C))
+    kg = load_qk(k, rk, t0, 0, n, H, i_h, K, C, L2NORM) * to_end
+    store_rows(dk_part, to_end * dkg, t0, 0, n, H, i_h, K, C)
+    tl.debug_barrier()  # this program's own earlier stores, read back by other threads
+    store_rows(dG_part, load_rows(dG_part, t0, 0, n, H, i_h, K, C) - kg * dkg, t0, 0, n, H, i_h, K, C)
+    dgl = tl.sum(kg * dkg, axis=0) + tl.exp(G_last) * dgl
+    tl.store(dG_last + (i_c.to(tl.int64) * H + i_h) * K + tl.arange(0, K), dgl)
+
+    # 3. through V' = U - W S and the UT transform: dW = -dV' S^T, dU = dV' (-> dv, dβ, dM)
+    b = load_vec(beta_f, t0, 0, n, H, i_h, C)
+    m = load_rows(M, t0, 0, n, H, i_h, C, C)
+    dW = tl.zeros([C, K], dtype=tl.float32)
+    dM = tl.zeros([C, C], dtype=tl.float32)
+    db = tl.zeros([C], dtype=tl.float32)
+    for iv in tl.static_range(V // BV):
         dvn = load_tile(dv_new, t0, 0, n, H, i_h, V, iv * BV, BV, C)
-        d_o = load_tile(do, t0, 0, n, H, i_h, V, iv * BV, BV, C).to(cdt)
         vt = load_tile(v, t0, 0, n, H, i_h, V, iv * BV, BV, C)
-        dqg += tl.dot(d_o, tl.trans(S))
-        dkg += tl.dot(vn, tl.trans(dS))
-        dW -= tl.dot(dvn.to(cdt), tl.trans(S))
-        dgl += tl.sum(dS.to(tl.float32) * S.to(tl.float32), axis=1)
+        dW -= tl.dot(dvn.to(cdt), tl.trans(load_state(h, i_c, i_h, H, K, V, iv * BV, BV).to(cdt)))
         dx_u = tl.dot(tl.trans(m), dvn)
         dM += tl.dot(dvn, tl.trans(b[:, None] * vt))
         db += tl.sum(dx_u * vt, axis=1)
         store_tile(dv, b[:, None] * dx_u, t0, 0, n, H, i_h, V, iv * BV, BV, C)
-        dp += tl.dot(d_o, tl.trans(vn))
-    store_rows(dP, tl.where(rows[:, None] >= rows[None, :], dp, 0.0), t0, 0, n, H, i_h, C, C)
-
-    G_last = load_row(G, t0 + n - 1, H, i_h, K)
-    Gc = load_G(G, t0, 0, n, H, i_h, G_last, K, C)
-    gam = tl.exp(Gc)
+    gam = tl.exp(load_G(G, t0, 0, n, H, i_h, G_last, K, C))
     kn = load_qk(k, rk, t0, 0, n, H, i_h, K, C, L2NORM)
-    x_w = b[:, None] * gam * kn
     dx_w = tl.dot(tl.trans(m), dW)
-    dM += tl.dot(dW, tl.trans(x_w))
+    dM += tl.dot(dW, tl.trans(b[:, None] * gam * kn))
+    tl.debug_barrier()
+    store_rows(dk_part, load_rows(dk_part, t0, 0, n, H, i_h, K, C) + b[:, None] * gam * dx_w, t0, 0, n, H, i_h, K, C)
+    store_rows(dG_part, load_rows(dG_part, t0, 0, n, H, i_h, K, C) + dx_w * (b[:, None] * gam * kn),
+               t0, 0, n, H, i_h, K, C)
+    db += tl.sum(dx_w * gam * kn, axis=1)
     dL = -tl.dot(tl.dot(tl.trans(m), dM), tl.trans(m))
     dL = tl.where(rows[:, None] > rows[None, :], dL, 0.0)
-    db += tl.sum(dx_w * gam * kn, axis=1) + tl.sum(dL * load_rows(A, t0, 0, n, H, i_h, C, C), axis=1)
+    db += tl.sum(dL * load_rows(A, t0, 0, n, H, i_h, C, C), axis=1)
     if SIGMOID:
         db = db * b * (1.0 - b)
     store_vec(dbeta, db, t0, 0, n, H, i_h, C)
     store_rows(dA, b[:, None] * dL, t0, 0, n, H, i_h, C, C)
-
-    to_end = tl.exp(G_last[None, :] - Gc)
-    kg = kn * to_end
-    qn = load_qk(q, rq, t0, 0, n, H, i_h, K, C, L2NORM)
-    store_rows(dq_part, scale * gam * dqg, t0, 0, n, H, i_h, K, C)
-    store_rows(dk_part, b[:, None] * gam * dx_w + to_end * dkg, t0, 0, n, H, i_h, K, C)
-    store_rows(dG_part, dx_w * x_w + scale * gam * qn * dqg - kg * dkg, t0, 0, n, H, i_h, K, C)
-    dgl = tl.sum(kg * dkg, axis=0) + tl.exp(G_last) * dgl
-    tl.store(dG_last + (i_c.to(tl.int64) * H + i_h) * K + tl.arange(0, K), dgl)
 
 
 @triton.jit
