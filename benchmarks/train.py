@@ -134,12 +134,12 @@ def single_gpu(args) -> list[dict]:
 
 
 def distributed(args) -> list[dict]:
-    os.environ["KIMI_LINEAR_BACKEND"] = "triton" if torch.cuda.is_available() else "torch"
+    backend = os.environ["KIMI_LINEAR_BACKEND"] = "triton" if torch.cuda.is_available() else "torch"
     with tempfile.TemporaryDirectory() as run_dir:
         world = int(os.environ["WORLD_SIZE"])
         trainer = make_trainer(args, run_dir, args.batch_size * world, expert_parallel=True)
         seconds = timed_steps(trainer.train_step, args.warmup, args.iters)
-        result = row("ours FSDP2 + EP (triton KDA)", trainer, world, args.batch_size * world, seconds)
+        result = row(f"ours FSDP2 + EP ({backend} KDA)", trainer, world, args.batch_size * world, seconds)
     if args.baseline and os.path.exists(args.baseline):
         base = json.loads(Path(args.baseline).read_text())["rows"][0]
         result["scaling efficiency"] = result["tokens/s"] / (world * base["tokens/s"])

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -77,8 +77,9 @@ class ExpertParallelExperts(nn.Module):
             p.register_hook(lambda g: g / self.world)
 
     def _exchange(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        return dist_fn.all_to_all_single(out, x, out_splits, in_splits, group=self.group)
+        """Differentiable all-to-all of rows (the backward pass sends the gradients the opposite way)."""
+        group = self.group if self.group is not None else dist.group.WORLD
+        return all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         N, k = indices.shape
