@@ -81,7 +81,10 @@ def assert_close(x, seed, tol, **kw):
 )
 def test_matches_torch_chunk(T, gate):
     x = make_inputs(T, 2, 32, 32, seed=T, gate=gate)
-    assert_close(x, seed=T, tol=1e-4 if not CUDA else 5e-3, **options(gate))
+    # steep gates drive G to ~-1000 inside a chunk, where fp32 holds G differences only to ~1e-4 (the PyTorch
+    # chunk path in fp32 is off from fp64 by as much): dA_log, a sum with cancellation, feels it most
+    tol = 5e-4 if gate == "steep" else 1e-4
+    assert_close(x, seed=T, tol=tol if not CUDA else 5e-3, **options(gate))
 
 
 def test_packed_sequences_with_an_empty_one():

@@ -21,6 +21,7 @@ import triton.language as tl
 from kimi_linear.ops.kda.triton_common import (
     SAFE_DECAY,
     SUB,
+    anchor_safe,
     exact_diag_scores,
     gate_fwd,
     load_G,
@@ -72,17 +73,6 @@ def store_block(ptr, x, t0, I: tl.constexpr, J: tl.constexpr, n, H, i_h, C: tl.c
     c = J * SUB + tl.arange(0, SUB)
     offs = ((t0 + r).to(tl.int64)[:, None] * H + i_h) * C + c[None, :]
     tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=(r < n)[:, None])
-
-
-@triton.jit
-def anchor_safe(G, t0, r0, n, H, i_h, K: tl.constexpr, BOUNDED: tl.constexpr):
-    """Whether the 16-row block starting at row r0 may anchor its own diagonal block (see diag_anchor_safe):
-    always for the bounded gate, else when its decay from first to last row stays under e^70."""
-    if BOUNDED:
-        return True
-    first = load_row(G, t0 + tl.minimum(r0, n - 1), H, i_h, K)
-    last = load_row(G, t0 + tl.minimum(r0 + SUB - 1, n - 1), H, i_h, K)
-    return tl.max(first - last, axis=0) < SAFE_DECAY
 
 
 @triton.jit
