@@ -1,5 +1,6 @@
 """Training throughput and MFU of a full training step (forward, backward, clipping, Muon/AdamW, router-bias
-update) on the ``1b`` preset (~0.9B parameters, ~0.3B activated), bf16 autocast over fp32 master weights.
+update) on the ``1b`` preset (~0.9B parameters, ~0.3B activated), bf16 compute over fp32 master weights (FSDP2
+mixed precision, also on one GPU).
 
 Rows (one GPU): ours with the Triton KDA kernels (``KIMI_LINEAR_BACKEND=triton``), ours with the PyTorch
 chunkwise KDA (``torch``), and transformers' native ``kimi_linear`` (fla-core kernels when installed) on the same
@@ -21,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
-from kimi_linear.train.distributed import clip_grad_norm  # noqa: E402
+from kimi_linear.train.distributed import apply_fsdp, clip_grad_norm, uses_fsdp  # noqa: E402
 from kimi_linear.train.metrics import peak_flops  # noqa: E402
 from kimi_linear.train.muon import build_optimizer  # noqa: E402
 from kimi_linear.train.trainer import TrainConfig, Trainer  # noqa: E402
@@ -88,7 +90,8 @@ def bench_ours(args, backend: str, batch: int, run_dir: str) -> tuple[dict, Trai
 
 
 def bench_transformers(args, trainer: Trainer, batch: int) -> dict:
-    """transformers' model loaded from our weights, same optimizer, autocast and batch (unpacked)."""
+    """transformers' model loaded from our weights, wrapped the same way (FSDP2 bf16 mixed precision), same
+    optimizer and batch (unpacked)."""
     import transformers
 
     with tempfile.TemporaryDirectory() as weights:
@@ -97,12 +100,12 @@ def bench_transformers(args, trainer: Trainer, batch: int) -> dict:
         del trainer.model, trainer.forward, trainer.optimizer
         release_memory()
         model = transformers.AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).to(device).train()
+    if uses_fsdp(trainer.env):
+        apply_fsdp(model, trainer.env)
     optimizer = build_optimizer(model, args.lr, 0.1)
     ids = trainer.data.train_batch(0)[0].to(device)
     def step():
-        with trainer.autocast():
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        model(input_ids=ids, labels=ids).loss.backward()
         clip_grad_norm([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -126,6 +129,7 @@ def single_gpu(args) -> list[dict]:
                     print(result, flush=True)
                     rows.append(bench_transformers(args, trainer, batch))
             except Exception as e:  # keep the other rows
+                traceback.print_exc()
                 rows.append({"impl": f"{backend} row", "batch": batch, "error": f"{type(e).__name__}: {e}"[:300]})
             print(rows[-1], flush=True)
             del trainer

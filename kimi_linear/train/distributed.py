@@ -4,6 +4,11 @@ Layout: one process per device, one process group of W ranks (``torchrun``). Eve
 the batch. FSDP2 (``fully_shard``) shards all dense parameters on dim 0 across the W ranks, per decoder layer,
 gathering them for compute and reduce-scattering (averaging) the gradients.
 
+Precision: on GPU, FSDP2's mixed-precision policy computes in bf16 from bf16 copies of the fp32 master weights
+and reduces gradients in fp32; it is used even on one GPU (a one-rank group), because it is both the faster
+recipe and the one every layer supports (the fused expert matmul needs weights and activations of one dtype,
+which autocast does not give it). On CPU everything stays fp32.
+
 Expert parallelism (optional) splits each MoE layer's E experts into W contiguous blocks of E / W; rank r keeps
 block r as ordinary (non-FSDP) parameters. Token copies travel to the rank of their expert and back with two
 differentiable all-to-alls. An expert's gradient then sums the contributions of every rank's tokens, while the
@@ -21,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from kimi_linear.ops.moe import moe_experts
@@ -50,9 +55,16 @@ def init_distributed(device: str) -> DistEnv:
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    if not dist.is_initialized():
+        if world > 1:
+            dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        elif use_cuda:  # a one-rank group, for FSDP2's mixed precision
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(rank, world, local_rank, dev)
+
+
+def uses_fsdp(env: DistEnv) -> bool:
+    return env.world > 1 or env.device.type == "cuda"
 
 
 class ExpertParallelExperts(nn.Module):
@@ -95,7 +107,9 @@ class ExpertParallelExperts(nn.Module):
         dist.all_to_all_single(local_expert, expert % self.num_local, recv_splits, send_splits, group=self.group)
         arrived = self._exchange(x[token], recv_splits, send_splits)
         ones = torch.ones(arrived.shape[0], 1, dtype=torch.float32, device=x.device)
-        y = moe_experts(arrived, self.gate_up_proj, self.down_proj, local_expert[:, None], ones)
+        # FSDP's mixed precision does not reach these (non-FSDP) weights: compute in the activations' dtype.
+        gate_up, down = self.gate_up_proj.to(x.dtype), self.down_proj.to(x.dtype)
+        y = moe_experts(arrived, gate_up, down, local_expert[:, None], ones)
         back = self._exchange(y, send_splits, recv_splits)
         back = back * weights.reshape(-1)[order, None].to(back.dtype)
         return torch.zeros_like(x).index_add_(0, token, back.to(x.dtype))
@@ -108,13 +122,15 @@ def apply_expert_parallel(model: nn.Module) -> None:
 
 
 def apply_fsdp(model: nn.Module, env: DistEnv) -> None:
-    """``fully_shard`` each decoder layer, then the root (embeddings, final norm, lm_head); expert-parallel
-    parameters are left out (each rank owns different experts)."""
+    """``fully_shard`` each decoder layer (``model.model.layers``), then the root (embeddings, final norm,
+    lm_head); expert-parallel parameters are left out (each rank owns different experts). bf16 compute on GPU."""
     mesh = init_device_mesh(env.device.type, (env.world,))
     ignored = {p for p in model.parameters() if getattr(p, "expert_parallel", False)}
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if env.device.type == "cuda" else MixedPrecisionPolicy())
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, ignored_params=ignored)
-    fully_shard(model, mesh=mesh, ignored_params=ignored)
+        fully_shard(layer, mesh=mesh, ignored_params=ignored, mp_policy=policy)
+    fully_shard(model, mesh=mesh, ignored_params=ignored, mp_policy=policy)
 
 
 def is_sharded(p: torch.Tensor) -> bool:

@@ -57,7 +57,7 @@ def _shards_whole_matrices(p: DTensor) -> bool:
 
 def orthogonalized_update(p: Tensor, u: Tensor, steps: int) -> Tensor:
     """Newton-Schulz of the update ``u`` (local shard of ``p``'s shape), on the full matrix; returns the local part."""
-    if not isinstance(p, DTensor) or _shards_whole_matrices(p):
+    if not isinstance(p, DTensor) or p.device_mesh.size() == 1 or _shards_whole_matrices(p):
         return newton_schulz(u, steps)
     full = DTensor.from_local(u, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
     ortho = newton_schulz(full, steps)

@@ -1,14 +1,13 @@
 """The training loop: configuration, setup (model, data, parallelism, optimizer), steps, validation, checkpoints.
 
-One step: global batch ``step`` of the packed data (this rank's rows) -> forward under bf16 autocast (GPU) or fp32
-(CPU) -> backward -> clip the global gradient norm -> Muon/AdamW step at the scheduled learning rate -> router
-bias update from the global expert load. Everything that influences a step is a function of (checkpointed
-weights, optimizer state, step), so resuming from a checkpoint continues the loss curve exactly.
+One step: global batch ``step`` of the packed data (this rank's rows) -> forward in bf16 (GPU: FSDP2 mixed
+precision over fp32 master weights) or fp32 (CPU) -> backward -> clip the global gradient norm -> Muon/AdamW step
+at the scheduled learning rate -> router bias update from the global expert load. Everything that influences a
+step is a function of (checkpointed weights, optimizer state, step), so resuming continues the loss curve exactly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -26,7 +25,14 @@ from kimi_linear.tokenizer import ByteTokenizer
 from kimi_linear.train.balance import expert_loads, load_imbalance, update_router_bias
 from kimi_linear.train.checkpointing import find_checkpoint, load_rank_state, load_trainer_state, save_checkpoint
 from kimi_linear.train.data import PackedData, prepare_data, unigram_bits_per_token
-from kimi_linear.train.distributed import DistEnv, apply_expert_parallel, apply_fsdp, clip_grad_norm, init_distributed
+from kimi_linear.train.distributed import (
+    DistEnv,
+    apply_expert_parallel,
+    apply_fsdp,
+    clip_grad_norm,
+    init_distributed,
+    uses_fsdp,
+)
 from kimi_linear.train.metrics import MetricsLog, peak_flops, train_flops_per_token
 from kimi_linear.train.muon import build_optimizer
 from kimi_linear.train.schedule import Schedule, set_lr
@@ -165,7 +171,7 @@ class Trainer:
         model.set_activation_checkpointing(cfg.activation_checkpointing)
         if cfg.expert_parallel:
             apply_expert_parallel(model)
-        if env.world > 1:
+        if uses_fsdp(env):
             apply_fsdp(model, env)
         self.model = model
         self.forward = torch.compile(model) if cfg.compile else model
@@ -181,11 +187,6 @@ class Trainer:
         self.peak = peak_flops(env.device)
 
     # ------------------------------------------------------------------------------------------------------------
-    def autocast(self):
-        if self.env.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         value = value.detach()
         if self.env.world > 1:
@@ -211,8 +212,7 @@ class Trainer:
         ids, pos = self.data.train_batch(self.step, env.rank, env.world)
         ids, pos = ids.to(env.device, non_blocking=True), pos.to(env.device, non_blocking=True)
         self.model.train()
-        with self.autocast():
-            out = self.forward(ids, labels=ids, position_ids=pos, balance_loss_coef=cfg.balance_loss_coef)
+        out = self.forward(ids, labels=ids, position_ids=pos, balance_loss_coef=cfg.balance_loss_coef)
         (out.loss * self._token_share(pos)).backward()
         grad_norm = clip_grad_norm([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
         self.optimizer.step()
@@ -234,8 +234,7 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
         for ids, pos in self.data.val_batches(self.cfg.batch_size // self.env.world, self.env.rank, self.env.world):
             ids, pos = ids.to(self.env.device), pos.to(self.env.device)
-            with self.autocast():
-                out = self.forward(ids, labels=ids, position_ids=pos)
+            out = self.forward(ids, labels=ids, position_ids=pos)
             count = int((pos[:, 1:] != 0).sum())
             total += torch.tensor([float(out.loss) * count, count], dtype=torch.float64, device=self.env.device)
         if self.env.world > 1:
