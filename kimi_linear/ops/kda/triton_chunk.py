@@ -11,6 +11,7 @@ accumulator stay fp32.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -112,10 +113,14 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
         W, U, P, qg, kg, G, o, h0 if h0 is not None else G, final if want_final else G, h if store_h else G,
         v_new if training else G, chunks.cu, chunks.offset, H,
         K=K, V=V, BV=BV, C=CHUNK, HAS_H0=h0 is not None, STORE_HT=want_final, STORE_H=store_h, STORE_V=training,
-        num_warps=4 if BV < 64 else 8,
+        PIPELINE=not _interpreting(), num_warps=4 if BV < 64 else 8,
     )
     saved = dict(G=G, beta_f=beta_f, rq=rq, rk=rk, W=W, P=P, qg=qg, kg=kg, M=M, A=A, h=h, v_new=v_new)
     return o, final, h if want_states else None, saved
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _bounded_diag(lower_bound: float | None) -> bool:
@@ -180,7 +185,8 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
     state_bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
         do, saved["P"], saved["qg"], saved["kg"], saved["W"], G, dfinal if dfinal is not None else G, dh, dv_new,
         dh0, chunks.cu, chunks.offset, H,
-        K=K, V=V, BV=BV, C=CHUNK, HAS_DHT=dfinal is not None, num_warps=4 if BV < 64 else 8,
+        K=K, V=V, BV=BV, C=CHUNK, HAS_DHT=dfinal is not None, PIPELINE=not _interpreting(),
+        num_warps=4 if BV < 64 else 8,
     )
     # 2. per chunk: everything that needs whole rows of K and V
     dA = torch.empty(T, H, CHUNK, **f32)

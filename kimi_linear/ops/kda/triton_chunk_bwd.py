@@ -28,6 +28,7 @@ from kimi_linear.ops.kda.triton_common import (
     load_row_cols,
     load_rows,
     load_tile,
+    load_tile_native,
     load_vec,
     store_rows,
     store_tile,
@@ -36,9 +37,31 @@ from kimi_linear.ops.kda.triton_common import (
 
 
 @triton.jit
+def state_bwd_step(dS, c, bos, eos, c0, i_v, i_h, do, P, qg, kg, W, G, dh, dv_new, H, K: tl.constexpr,
+                   V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
+    """Chunk c of one sequence, backward: dS ``[K, BV]`` is the gradient at its end; returns it at its start."""
+    t0 = bos + c * C
+    n = tl.minimum(eos - t0, C)
+    cdt = W.dtype.element_ty
+    dk = tl.arange(0, K)
+    dv = i_v * BV + tl.arange(0, BV)
+    tl.store(dh + ((c0 + c).to(tl.int64) * H + i_h) * K * V + dk[:, None] * V + dv[None, :],
+             dS.to(dh.dtype.element_ty))
+    d_o = load_tile(do, t0, 0, n, H, i_h, V, i_v * BV, BV, C).to(cdt)
+    dvn = tl.dot(tl.trans(load_tile_native(P, t0, 0, n, H, i_h, C, 0, C, C)), d_o)
+    dvn += tl.dot(load_tile_native(kg, t0, 0, n, H, i_h, K, 0, K, C), dS.to(cdt))
+    store_tile(dv_new, dvn, t0, 0, n, H, i_h, V, i_v * BV, BV, C)
+    G_last = load_row(G, t0 + n - 1, H, i_h, K)
+    dS = dS * tl.exp(G_last)[:, None]
+    dS += tl.dot(tl.trans(load_tile_native(qg, t0, 0, n, H, i_h, K, 0, K, C)), d_o)
+    return dS - tl.dot(tl.trans(load_tile_native(W, t0, 0, n, H, i_h, K, 0, K, C)), dvn.to(cdt))
+
+
+@triton.jit
 def state_bwd_kernel(
     do, P, qg, kg, W, G, dhT, dh, dv_new, dh0, cu_seqlens, chunk_offset, H,
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_DHT: tl.constexpr,
+    PIPELINE: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -52,25 +75,17 @@ def state_bwd_kernel(
         dS = tl.load(dhT + state_offs).to(tl.float32)
     else:
         dS = tl.zeros([K, BV], dtype=tl.float32)
-    cdt = W.dtype.element_ty
     n_chunks = tl.cdiv(eos - bos, C)
-    # a while loop: the interpreter (numpy >= 2.3) cannot take a run-time trip count in range()
-    i = 0
-    while i < n_chunks:
-        c = n_chunks - 1 - i
-        t0 = bos + c * C
-        n = tl.minimum(eos - t0, C)
-        tl.store(dh + ((c0 + c).to(tl.int64) * H + i_h) * K * V + dk[:, None] * V + dv[None, :],
-                 dS.to(dh.dtype.element_ty))
-        d_o = load_tile(do, t0, 0, n, H, i_h, V, i_v * BV, BV, C).to(cdt)
-        dvn = tl.dot(tl.trans(load_rows(P, t0, 0, n, H, i_h, C, C).to(cdt)), d_o)
-        dvn += tl.dot(load_rows(kg, t0, 0, n, H, i_h, K, C).to(cdt), dS.to(cdt))
-        store_tile(dv_new, dvn, t0, 0, n, H, i_h, V, i_v * BV, BV, C)
-        G_last = load_row(G, t0 + n - 1, H, i_h, K)
-        dS = dS * tl.exp(G_last)[:, None]
-        dS += tl.dot(tl.trans(load_rows(qg, t0, 0, n, H, i_h, K, C).to(cdt)), d_o)
-        dS -= tl.dot(tl.trans(load_rows(W, t0, 0, n, H, i_h, K, C).to(cdt)), dvn.to(cdt))
-        i += 1
+    if PIPELINE:  # see state_out_kernel
+        for i in tl.range(0, n_chunks, num_stages=2):
+            dS = state_bwd_step(dS, n_chunks - 1 - i, bos, eos, c0, i_v, i_h, do, P, qg, kg, W, G, dh, dv_new, H,
+                                K, V, BV, C)
+    else:
+        i = 0
+        while i < n_chunks:
+            dS = state_bwd_step(dS, n_chunks - 1 - i, bos, eos, c0, i_v, i_h, do, P, qg, kg, W, G, dh, dv_new, H,
+                                K, V, BV, C)
+            i += 1
     tl.store(dh0 + state_offs, dS)
 
 

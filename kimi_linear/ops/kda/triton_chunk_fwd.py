@@ -32,6 +32,7 @@ from kimi_linear.ops.kda.triton_common import (
     load_row_cols,
     load_rows,
     load_tile,
+    load_tile_native,
     load_vec,
     store_rows,
     store_tile,
@@ -206,10 +207,35 @@ def intra_kernel(
 
 
 @triton.jit
+def state_out_step(S, i, bos, eos, c0, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H, K: tl.constexpr,
+                   V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, STORE_H: tl.constexpr,
+                   STORE_V: tl.constexpr):
+    """Chunk i of one sequence: outputs from the state S ``[K, BV]`` at its start; returns the state at its end."""
+    t0 = bos + i * C
+    n = tl.minimum(eos - t0, C)
+    cdt = W.dtype.element_ty
+    if STORE_H:
+        dk = tl.arange(0, K)
+        dv = i_v * BV + tl.arange(0, BV)
+        tl.store(h + ((c0 + i).to(tl.int64) * H + i_h) * K * V + dk[:, None] * V + dv[None, :],
+                 S.to(h.dtype.element_ty))
+    w = load_tile_native(W, t0, 0, n, H, i_h, K, 0, K, C)
+    vn = load_tile(U, t0, 0, n, H, i_h, V, i_v * BV, BV, C) - tl.dot(w, S.to(cdt))
+    if STORE_V:
+        store_tile(v_new, vn, t0, 0, n, H, i_h, V, i_v * BV, BV, C)
+    out = tl.dot(load_tile_native(qg, t0, 0, n, H, i_h, K, 0, K, C), S.to(cdt))
+    out += tl.dot(load_tile_native(P, t0, 0, n, H, i_h, C, 0, C, C), vn.to(cdt))
+    store_tile(o, out, t0, 0, n, H, i_h, V, i_v * BV, BV, C)
+    G_last = load_row(G, t0 + n - 1, H, i_h, K)
+    kgt = load_tile_native(kg, t0, 0, n, H, i_h, K, 0, K, C)
+    return S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kgt), vn.to(cdt))
+
+
+@triton.jit
 def state_out_kernel(
     W, U, P, qg, kg, G, o, h0, hT, h, v_new, cu_seqlens, chunk_offset, H,
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_H0: tl.constexpr,
-    STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_V: tl.constexpr,
+    STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_V: tl.constexpr, PIPELINE: tl.constexpr,
 ):
     """One program owns the state columns [i_v·BV, (i_v+1)·BV) of one (sequence, head) and walks its chunks."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -224,27 +250,16 @@ def state_out_kernel(
         S = tl.load(h0 + state_offs).to(tl.float32)
     else:
         S = tl.zeros([K, BV], dtype=tl.float32)
-    cdt = W.dtype.element_ty
     n_chunks = tl.cdiv(eos - bos, C)
-    # a while loop: the interpreter (numpy >= 2.3) cannot take a run-time trip count in range()
-    i = 0
-    while i < n_chunks:
-        t0 = bos + i * C
-        n = tl.minimum(eos - t0, C)
-        if STORE_H:
-            tl.store(h + ((c0 + i).to(tl.int64) * H + i_h) * K * V + dk[:, None] * V + dv[None, :],
-                     S.to(h.dtype.element_ty))
-        w = load_rows(W, t0, 0, n, H, i_h, K, C).to(cdt)
-        vn = load_tile(U, t0, 0, n, H, i_h, V, i_v * BV, BV, C) - tl.dot(w, S.to(cdt))
-        if STORE_V:
-            store_tile(v_new, vn, t0, 0, n, H, i_h, V, i_v * BV, BV, C)
-        out = tl.dot(load_rows(qg, t0, 0, n, H, i_h, K, C).to(cdt), S.to(cdt))
-        out += tl.dot(load_rows(P, t0, 0, n, H, i_h, C, C).to(cdt), vn.to(cdt))
-        store_tile(o, out, t0, 0, n, H, i_h, V, i_v * BV, BV, C)
-        G_last = load_row(G, t0 + n - 1, H, i_h, K)
-        kgt = load_rows(kg, t0, 0, n, H, i_h, K, C).to(cdt)
-        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kgt), vn.to(cdt))
-        i += 1
+    if PIPELINE:  # compiled: a pipelined loop prefetches the next chunk's tiles
+        for i in tl.range(0, n_chunks, num_stages=2):
+            S = state_out_step(S, i, bos, eos, c0, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H, K, V, BV, C,
+                               STORE_H, STORE_V)
+    else:  # the interpreter (numpy >= 2.3) cannot take a run-time trip count in range()
+        i = 0
+        while i < n_chunks:
+            S = state_out_step(S, i, bos, eos, c0, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H, K, V, BV, C,
+                               STORE_H, STORE_V)
+            i += 1
     if STORE_HT:
         tl.store(hT + state_offs, S)
-

@@ -28,8 +28,15 @@ def tile_ptr(ptr, t0, r0, n, H, i_h, STRIDE: tl.constexpr, c0, D: tl.constexpr, 
 @triton.jit
 def load_tile(ptr, t0, r0, n, H, i_h, STRIDE: tl.constexpr, c0, D: tl.constexpr, R: tl.constexpr):
     """``[R, D]`` fp32 tile (see :func:`tile_ptr`); rows >= n (past the chunk) read as 0."""
+    return load_tile_native(ptr, t0, r0, n, H, i_h, STRIDE, c0, D, R).to(tl.float32)
+
+
+@triton.jit
+def load_tile_native(ptr, t0, r0, n, H, i_h, STRIDE: tl.constexpr, c0, D: tl.constexpr, R: tl.constexpr):
+    """:func:`load_tile` in the tensor's own dtype (a load that feeds a matrix product directly, which lets
+    the compiler's pipeliner prefetch it)."""
     p = tile_ptr(ptr, t0, r0, n, H, i_h, STRIDE, c0, D, R)
-    return tl.load(p, boundary_check=(0,), padding_option="zero").to(tl.float32)
+    return tl.load(p, boundary_check=(0,), padding_option="zero")
 
 
 @triton.jit
