@@ -160,3 +160,16 @@ def test_bad_inputs(model):
         model.generate(ids(1, 4), 0)
     with pytest.raises(ValueError, match="top_p"):
         model.generate(ids(1, 4), 2, top_p=0.0)
+
+
+@torch.no_grad()
+def test_bf16_model_prefill_and_decode(model):
+    half = KimiLinearForCausalLM(model.config).to(torch.bfloat16).eval()
+    half.load_state_dict(model.state_dict())
+    x = ids(2, 20)
+    full = half(x).logits
+    assert full.dtype == torch.bfloat16
+    cache = HybridCache(model.config, 2, 20, device="cpu", dtype=torch.bfloat16)
+    steps = torch.cat([half(x[:, :15], cache=cache).logits] +
+                      [half(x[:, t:t + 1], cache=cache).logits for t in range(15, 20)], 1)
+    assert steps.dtype == torch.bfloat16 and rel(steps.float(), full.float()) <= 2e-2

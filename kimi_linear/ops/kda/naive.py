@@ -33,6 +33,7 @@ def naive_recurrent_kda(
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out_dtype = v.dtype
     q, k, v, g, beta = (x.to(acc) for x in (q, k, v, g, beta))
     if cu_seqlens is None:
         spans = [(b, 0, T) for b in range(B)]
@@ -53,4 +54,4 @@ def naive_recurrent_kda(
             o[b, t] = torch.einsum("hkv,hk->hv", S, q[b, t] * scale)
         finals.append(S)
     final = torch.stack(finals).to(torch.float32 if acc == torch.float32 else acc) if output_final_state else None
-    return o.to(v.dtype), final
+    return o.to(out_dtype), final
