@@ -254,15 +254,17 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.seq_len
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and env.is_main),
                    dynamic_ncols=True, desc=cfg.name)
-        start, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+        start = time.perf_counter()
+        window_seconds, window_steps = 0.0, 0  # training steps only: evaluation and saving are not throughput
         val_loss = None
         while self.step < stop:
+            step_start = time.perf_counter()
             metrics = self.train_step()
+            window_seconds += time.perf_counter() - step_start
             window_steps += 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == stop:
-                elapsed = time.perf_counter() - window_start
-                tps = window_steps * tokens_per_step / elapsed
+                tps = window_steps * tokens_per_step / window_seconds
                 mfu = tps * self.flops_per_token / (self.peak * env.world) if self.peak else None
                 record = {"kind": "train", "step": self.step, **metrics, "tokens_per_s": tps, "mfu": mfu,
                           "tokens": self.step * tokens_per_step}
@@ -273,7 +275,7 @@ class Trainer:
                 if metrics["imbalance"]:
                     postfix["moe max/mean"] = f"{max(metrics['imbalance']):.2f}"
                 bar.set_postfix(postfix)
-                window_start, window_steps = time.perf_counter(), 0
+                window_seconds, window_steps = 0.0, 0
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 val_loss = self.evaluate()
                 self.log.write({"kind": "val", "step": self.step, "val_loss": val_loss,
