@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
+from kimi_linear.train.checkpointing import save_model  # noqa: E402
 from kimi_linear.train.distributed import apply_fsdp, clip_grad_norm, uses_fsdp  # noqa: E402
 from kimi_linear.train.metrics import peak_flops  # noqa: E402
 from kimi_linear.train.muon import build_optimizer  # noqa: E402
@@ -95,7 +96,7 @@ def bench_transformers(args, trainer: Trainer, batch: int) -> dict:
     import transformers
 
     with tempfile.TemporaryDirectory() as weights:
-        trainer.model.save_pretrained(weights)
+        save_model(trainer.model, weights, trainer.env.rank)
         device = trainer.env.device
         del trainer.model, trainer.forward, trainer.optimizer
         release_memory()

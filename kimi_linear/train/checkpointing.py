@@ -57,6 +57,21 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def write_model(config, state: dict[str, torch.Tensor], directory: str | os.PathLike) -> None:
+    """Save an unsharded state dict (from :func:`full_state_dict`) in Hugging Face layout."""
+    with torch.device("meta"):
+        holder = KimiLinearForCausalLM(config)
+    holder.load_state_dict(state, assign=True)
+    holder.save_pretrained(directory)
+
+
+def save_model(model: nn.Module, directory: str | os.PathLike, rank: int) -> None:
+    """Save a (possibly sharded) model in Hugging Face layout; collective, rank 0 writes."""
+    state = full_state_dict(model)
+    if rank == 0:
+        write_model(model.config, state, directory)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -96,10 +111,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: tor
         torch.save(optimizer.state_dict(), tmp / f"{TRAINER_PREFIX}optimizer.rank{rank}.pt")
         torch.save(rng_state(), tmp / f"{TRAINER_PREFIX}rng.rank{rank}.pt")
         if rank == 0:
-            with torch.device("meta"):
-                holder = KimiLinearForCausalLM(model.config)
-            holder.load_state_dict(state, assign=True)
-            holder.save_pretrained(tmp)
+            write_model(model.config, state, tmp)
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
     except BaseException:
         if rank == 0:
