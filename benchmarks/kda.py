@@ -105,11 +105,12 @@ def agreement(x: dict) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def run(shapes=SHAPES, results_dir: str | Path | None = "benchmarks/results") -> list[dict]:
+def run(shapes=SHAPES, results_dir: str | Path | None = "benchmarks/results",
+        names: tuple[str, ...] = ("ours", "ours_released", "fla", "sdpa")) -> list[dict]:
     have_fla = _fla_version() is not None
-    impls = {"ours": ours, "ours_released": lambda x: ours(x, None), "sdpa": sdpa}
-    if have_fla:
-        impls["fla"] = fla
+    every = {"ours": ours, "ours_released": lambda x: ours(x, None), "sdpa": sdpa, "fla": fla}
+    impls = {n: every[n] for n in names if n != "fla" or have_fla}
+    have_fla = "fla" in impls
     rows = []
     for B, T in shapes:
         x = inputs(B, T)
@@ -178,11 +179,12 @@ def main() -> None:
     parser.add_argument("--results-dir", default="benchmarks/results")
     parser.add_argument("--no-decode", action="store_true", help="skip benchmarks/kda_decode.py")
     parser.add_argument("--profile", action="store_true", help="per-kernel times of one fwd+bwd at the first shape")
+    parser.add_argument("--impls", default="ours,ours_released,fla,sdpa", help="which implementations to time")
     args = parser.parse_args()
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     if args.profile:
         profile(*shapes[0])
-    rows = run(shapes, args.results_dir)
+    rows = run(shapes, args.results_dir, tuple(args.impls.split(",")))
     print(table(rows))
     if not args.no_decode:
         try:

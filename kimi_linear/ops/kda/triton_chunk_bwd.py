@@ -222,7 +222,7 @@ def grads_kernel_b(
         col_p = tl.zeros([C, BK], dtype=tl.float32)
         for I in tl.static_range(4):
             G_a = load_row_cols(G, t0 + tl.minimum(I * SUB, n - 1), H, i_h, K, c0, BK)
-            col_end = tl.where(anchor_safe(G, t0, I * SUB, n, H, i_h, K, False), I * SUB + SUB, I * SUB)
+            col_end = tl.where(anchor_safe(G, t0, I * SUB, n, H, i_h, K), I * SUB + SUB, I * SUB)
             in_block = ((rows >= I * SUB) & (rows < I * SUB + SUB))[:, None]
             e_row = tl.where(in_block, tl.exp(tl.where(in_block, G_s - G_a[None, :], 0.0)), 0.0)
             upto = (rows < col_end)[:, None]
@@ -240,7 +240,7 @@ def grads_kernel_b(
     tl.debug_barrier()  # the partials are re-read below by other threads of this program
     G_last = load_row(G, t0 + n - 1, H, i_h, K)
     for X in tl.static_range(4):
-        if not anchor_safe(G, t0, X * SUB, n, H, i_h, K, False):
+        if not anchor_safe(G, t0, X * SUB, n, H, i_h, K):
             r0 = X * SUB
             G_x = load_G(G, t0, r0, n, H, i_h, G_last, K, SUB)
             k_x = load_qk(k, rk, t0, r0, n, H, i_h, K, SUB, L2NORM)

@@ -109,7 +109,6 @@ def mm(a, b):
 def intra_kernel(
     q, k, v, G, beta, rq, rk, W, U, P, M, A, qg, kg, chunk_start, chunk_len, scale, H,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr,
-    BOUNDED: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0 = tl.load(chunk_start + i_c)
@@ -119,8 +118,7 @@ def intra_kernel(
     # A (k·k) and Aqk (q·k) as whole-chunk products, one per anchor and K slice: rows of block I are scaled
     # by exp(G_i - G_a), columns up to the block's end by exp(G_a - G_j), G_a the block's first row, so no
     # row sees a later anchor. Columns before the block give factors <= 1; on the diagonal block the factor
-    # is < e^82.5 for the bounded gate, else capped at e^SAFE_DECAY (finite), and blocks whose decay exceeds
-    # that are redone exactly below.
+    # is capped at e^SAFE_DECAY (finite), and blocks whose decay exceeds that are redone exactly below.
     a = tl.zeros([C, C], dtype=tl.float32)
     p = tl.zeros([C, C], dtype=tl.float32)
     for kk in tl.static_range(K // BK):
@@ -133,22 +131,18 @@ def intra_kernel(
             in_block = ((rows >= I * SUB) & (rows < I * SUB + SUB))[:, None]
             e_row = tl.where(in_block, tl.exp(tl.where(in_block, G_s - G_a[None, :], 0.0)), 0.0)
             upto = (rows < I * SUB + SUB)[:, None]
-            ea = tl.where(upto, G_a[None, :] - G_s, 0.0)
-            if not BOUNDED:
-                ea = tl.minimum(ea, SAFE_DECAY)
-            kt = tl.where(upto, k_s * tl.exp(ea), 0.0)
+            kt = tl.where(upto, k_s * tl.exp(tl.minimum(tl.where(upto, G_a[None, :] - G_s, 0.0), SAFE_DECAY)), 0.0)
             a += tl.dot(k_s * e_row, tl.trans(kt))
             p += tl.dot(q_s * e_row, tl.trans(kt))
     store_rows(A, tl.where(rows[:, None] > rows[None, :], a, 0.0), t0, 0, n, H, i_h, C, C)
     store_rows(P, tl.where(rows[:, None] >= rows[None, :], p * scale, 0.0), t0, 0, n, H, i_h, C, C)
-    if not BOUNDED:
-        tl.debug_barrier()
-        for I in tl.static_range(4):
-            if not anchor_safe(G, t0, I * SUB, n, H, i_h, K, BOUNDED):
-                a_ii = exact_diag_block(k, rk, k, G, rk, t0, n, H, i_h, G_last, I, K, True, L2NORM)
-                p_ii = exact_diag_block(q, rq, k, G, rk, t0, n, H, i_h, G_last, I, K, False, L2NORM)
-                store_block(A, a_ii, t0, I, I, n, H, i_h, C)
-                store_block(P, p_ii * scale, t0, I, I, n, H, i_h, C)
+    tl.debug_barrier()
+    for I in tl.static_range(4):
+        if not anchor_safe(G, t0, I * SUB, n, H, i_h, K):
+            a_ii = exact_diag_block(k, rk, k, G, rk, t0, n, H, i_h, G_last, I, K, True, L2NORM)
+            p_ii = exact_diag_block(q, rq, k, G, rk, t0, n, H, i_h, G_last, I, K, False, L2NORM)
+            store_block(A, a_ii, t0, I, I, n, H, i_h, C)
+            store_block(P, p_ii * scale, t0, I, I, n, H, i_h, C)
     # the blocks of A back from memory (written above by this program; the barrier orders it)
     tl.debug_barrier()
     a00 = load_tile(A, t0, 0, n, H, i_h, C, 0, SUB, SUB)

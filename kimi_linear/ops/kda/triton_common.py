@@ -14,7 +14,7 @@ import triton.language as tl
 CHUNK = 64  # tokens per chunk (host side; kernels take it as the constexpr C)
 SUB = tl.constexpr(16)  # rows per sub-chunk
 # largest in-block decay (nats, first row to last) for which a diagonal block may use an anchored product
-SAFE_DECAY = tl.constexpr(70.0)
+SAFE_DECAY = tl.constexpr(80.0)
 
 
 @triton.jit
@@ -138,14 +138,11 @@ def anchored_scores(x_i, G_i, k_j, G_j, G_a):
 
 
 @triton.jit
-def anchor_safe(G, t0, r0, n, H, i_h, K: tl.constexpr, BOUNDED: tl.constexpr):
+def anchor_safe(G, t0, r0, n, H, i_h, K: tl.constexpr):
     """Whether the 16-row block starting at row r0 may use an anchored product on its own diagonal block:
     its decay from first to last row stays under e^SAFE_DECAY in every channel, so exp(G_first - G_j) (and
-    the gradients it multiplies) stay well inside fp32 (e^88). Always true for BOUNDED (a gate bounded so
-    that this holds by construction); otherwise checked at run time, and steeper blocks use exact pairwise
-    exponentials."""
-    if BOUNDED:
-        return True
+    the gradients it multiplies) stay inside fp32 (e^88). Checked at run time for every gate (a gate bounded
+    at -5 a step always passes: 15 steps give at most 75); steeper blocks use exact pairwise exponentials."""
     first = load_row(G, t0 + tl.minimum(r0, n - 1), H, i_h, K)
     last = load_row(G, t0 + tl.minimum(r0 + SUB - 1, n - 1), H, i_h, K)
     return tl.max(first - last, axis=0) < SAFE_DECAY
