@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton chunk-KDA kernels: tile loads, the fused gate, and anchored decay scores.
+"""Pieces shared by the Triton chunk-KDA kernels: tile loads, the fused gate, diagonal-block safety checks.
 
 Layout conventions of every kernel in :mod:`kimi_linear.ops.kda.triton_chunk_fwd` / ``triton_chunk_bwd``:
 the batch is flattened to one token axis (equal-length batches become packed sequences), per-token tensors
@@ -126,18 +126,6 @@ def gate_fwd(f, a, dt, lower_bound, BOUNDED: tl.constexpr):
 
 
 @triton.jit
-def anchored_scores(x_i, G_i, k_j, G_j, G_a):
-    """``out[i, j] = sum_d x_id k_jd exp(G_id - G_jd)`` as one matrix product, split at the anchor row G_a.
-
-    Safe when G_j >= G_a >= G_i row-wise (the block of j precedes the anchor, which precedes or is row i),
-    or, on a diagonal block, when the gate is bounded so that exp(G_a - G_j) cannot overflow.
-    """
-    xa = x_i * tl.exp(G_i - G_a[None, :])
-    ka = k_j * tl.exp(G_a[None, :] - G_j)
-    return tl.dot(xa, tl.trans(ka))
-
-
-@triton.jit
 def anchor_safe(G, t0, r0, n, H, i_h, K: tl.constexpr):
     """Whether the 16-row block starting at row r0 may use an anchored product on its own diagonal block:
     its decay from first to last row stays under e^SAFE_DECAY in every channel, so exp(G_first - G_j) (and
@@ -166,9 +154,3 @@ def exact_diag_scores(x, k, G, INCLUDE_DIAG: tl.constexpr, R: tl.constexpr):
         col = tl.sum(x * k_j[None, :] * e, axis=1)
         out = tl.where((rows == j)[None, :], col[:, None], out)
     return out
-
-
-@triton.jit
-def first_row(x, R: tl.constexpr):
-    """Row 0 of an ``[R, D]`` tile, as a ``[D]`` vector."""
-    return tl.sum(tl.where((tl.arange(0, R) == 0)[:, None], x, 0.0), axis=0)
