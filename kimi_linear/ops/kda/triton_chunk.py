@@ -203,8 +203,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
         q, k, g, rq, rk, G, A_log if has_gate else G, dt_bias if has_gate else G, dA, dP, dq_part, dk_part,
         dG_part, dG_last, dq, dk, dg, dA_log_part if has_gate else G, ddt_part if has_gate else G,
         chunks.start, chunks.length, float(lower_bound or 0.0), scale, H,
-        K=K, C=CHUNK, BK=min(K, 64), HAS_GATE=has_gate, BOUNDED=lower_bound is not None, L2NORM=l2norm,
-        num_warps=8,
+        K=K, C=CHUNK, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, L2NORM=l2norm, num_warps=8,
     )
     dA_log = dA_log_part.sum(0).view_as(A_log) if has_gate else None
     ddt_bias = ddt_part.sum(0).view_as(dt_bias) if has_gate else None

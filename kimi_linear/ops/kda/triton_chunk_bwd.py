@@ -20,12 +20,10 @@ import triton.language as tl
 from kimi_linear.ops.kda.triton_common import (
     SUB,
     anchor_safe,
+    first_row,
     load_G,
-    load_G_cols,
     load_qk,
-    load_qk_cols,
     load_row,
-    load_row_cols,
     load_rows,
     load_tile,
     load_tile_native,
@@ -190,112 +188,96 @@ def exact_diag_grads(D, k, x, G, R: tl.constexpr):
 
 
 @triton.jit
-def add_rows(ptr, x, t0, r0, n, H, i_h, K: tl.constexpr, c0, D: tl.constexpr, R: tl.constexpr):
-    """``ptr[rows, c0:c0+D] += x`` for an fp32 ``[T, H, K]`` buffer owned by this program."""
-    store_tile(ptr, load_tile(ptr, t0, r0, n, H, i_h, K, c0, D, R) + x, t0, r0, n, H, i_h, K, c0, D, R)
-
-
-@triton.jit
 def grads_kernel_b(
     q, k, g, rq, rk, G, A_log, dt_bias, dA, dP, dq_part, dk_part, dG_part, dG_last, dq, dk, dg,
     dA_log_part, ddt_part, chunk_start, chunk_len, lower_bound, scale, H,
-    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, HAS_GATE: tl.constexpr, BOUNDED: tl.constexpr,
-    L2NORM: tl.constexpr,
+    K: tl.constexpr, C: tl.constexpr, HAS_GATE: tl.constexpr, BOUNDED: tl.constexpr, L2NORM: tl.constexpr,
 ):
-    """Gradients of A and P w.r.t. k, q and G, with the forward's anchoring, as whole-chunk products per
-    anchor and K slice (added into the partials in memory); exact fix-ups of steep diagonal blocks; then the
-    reverse cumsum into g, the L2-norm backward and the gate backward."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0 = tl.load(chunk_start + i_c)
     n = tl.load(chunk_len + i_c)
-    rows = tl.arange(0, C)
-    d_a = load_rows(dA, t0, 0, n, H, i_h, C, C)
-    d_p = load_rows(dP, t0, 0, n, H, i_h, C, C)
-    for kk in tl.static_range(K // BK):
-        c0 = kk * BK
-        G_s = load_G_cols(G, t0, 0, n, H, i_h, load_row_cols(G, t0 + n - 1, H, i_h, K, c0, BK), K, c0, BK, C)
-        k_s = load_qk_cols(k, rk, t0, 0, n, H, i_h, K, c0, BK, C, L2NORM)
-        q_s = load_qk_cols(q, rq, t0, 0, n, H, i_h, K, c0, BK, C, L2NORM)
-        row_a = tl.zeros([C, BK], dtype=tl.float32)
-        row_p = tl.zeros([C, BK], dtype=tl.float32)
-        col_a = tl.zeros([C, BK], dtype=tl.float32)
-        col_p = tl.zeros([C, BK], dtype=tl.float32)
-        for I in tl.static_range(4):
-            G_a = load_row_cols(G, t0 + tl.minimum(I * SUB, n - 1), H, i_h, K, c0, BK)
-            col_end = tl.where(anchor_safe(G, t0, I * SUB, n, H, i_h, K), I * SUB + SUB, I * SUB)
-            in_block = ((rows >= I * SUB) & (rows < I * SUB + SUB))[:, None]
-            e_row = tl.where(in_block, tl.exp(tl.where(in_block, G_s - G_a[None, :], 0.0)), 0.0)
-            upto = (rows < col_end)[:, None]
-            e_col = tl.where(upto, tl.exp(tl.where(upto, G_a[None, :] - G_s, 0.0)), 0.0)
-            kt = k_s * e_col
-            row_a += e_row * tl.dot(d_a, kt)
-            row_p += e_row * tl.dot(d_p, kt)
-            col_a += e_col * tl.dot(tl.trans(d_a), k_s * e_row)
-            col_p += e_col * tl.dot(tl.trans(d_p), q_s * e_row)
-        row_p = row_p * scale
-        col_p = col_p * scale
-        add_rows(dq_part, row_p, t0, 0, n, H, i_h, K, c0, BK, C)
-        add_rows(dk_part, row_a + col_a + col_p, t0, 0, n, H, i_h, K, c0, BK, C)
-        add_rows(dG_part, q_s * row_p + k_s * (row_a - col_a - col_p), t0, 0, n, H, i_h, K, c0, BK, C)
-    tl.debug_barrier()  # the partials are re-read below by other threads of this program
     G_last = load_row(G, t0 + n - 1, H, i_h, K)
-    for X in tl.static_range(4):
-        if not anchor_safe(G, t0, X * SUB, n, H, i_h, K):
-            r0 = X * SUB
-            G_x = load_G(G, t0, r0, n, H, i_h, G_last, K, SUB)
-            k_x = load_qk(k, rk, t0, r0, n, H, i_h, K, SUB, L2NORM)
-            q_x = load_qk(q, rq, t0, r0, n, H, i_h, K, SUB, L2NORM)
-            ra, ca = exact_diag_grads(load_tile(dA, t0, r0, n, H, i_h, C, r0, SUB, SUB), k_x, k_x, G_x, SUB)
-            rp, cp = exact_diag_grads(load_tile(dP, t0, r0, n, H, i_h, C, r0, SUB, SUB), k_x, q_x, G_x, SUB)
-            add_rows(dq_part, scale * rp, t0, r0, n, H, i_h, K, 0, K, SUB)
-            add_rows(dk_part, ra + ca + scale * cp, t0, r0, n, H, i_h, K, 0, K, SUB)
-            add_rows(dG_part, scale * q_x * rp + k_x * (ra - ca - scale * cp), t0, r0, n, H, i_h, K, 0, K, SUB)
-    tl.debug_barrier()
-
-    # L2-norm backward needs each row's <x̂, dx̂> over all of K
-    if L2NORM:
-        sq = tl.zeros([C], dtype=tl.float32)
-        sk = tl.zeros([C], dtype=tl.float32)
-        for kk in tl.static_range(K // BK):
-            sq += tl.sum(load_qk_cols(q, rq, t0, 0, n, H, i_h, K, kk * BK, BK, C, True)
-                         * load_tile(dq_part, t0, 0, n, H, i_h, K, kk * BK, BK, C), axis=1)
-            sk += tl.sum(load_qk_cols(k, rk, t0, 0, n, H, i_h, K, kk * BK, BK, C, True)
-                         * load_tile(dk_part, t0, 0, n, H, i_h, K, kk * BK, BK, C), axis=1)
-        r_q = load_vec(rq, t0, 0, n, H, i_h, C)[:, None]
-        r_k = load_vec(rk, t0, 0, n, H, i_h, C)[:, None]
+    # gradients reach every g of the chunk through G_last (the cumsum's last row)
+    carry = tl.load(dG_last + (i_c.to(tl.int64) * H + i_h) * K + tl.arange(0, K))
     if HAS_GATE:
         a_h = tl.exp(tl.load(A_log + i_h))
-        dA_log_acc = tl.zeros([BK], dtype=tl.float32)
-    valid = (rows < n)[:, None]
-    for kk in tl.static_range(K // BK):
-        c0 = kk * BK
-        dq_hat = load_tile(dq_part, t0, 0, n, H, i_h, K, c0, BK, C)
-        dk_hat = load_tile(dk_part, t0, 0, n, H, i_h, K, c0, BK, C)
+        dt = tl.load(dt_bias + i_h * K + tl.arange(0, K))
+        dA_log_acc = tl.zeros([K], dtype=tl.float32)
+        ddt_acc = tl.zeros([K], dtype=tl.float32)
+    for X in tl.static_range(3, -1, -1):  # last block first: the reverse cumsum carries from later rows
+        r0 = X * SUB
+        G_x = load_G(G, t0, r0, n, H, i_h, G_last, K, SUB)
+        k_x = load_qk(k, rk, t0, r0, n, H, i_h, K, SUB, L2NORM)
+        q_x = load_qk(q, rq, t0, r0, n, H, i_h, K, SUB, L2NORM)
+        G_ax = first_row(G_x, SUB)
+        e_x = tl.exp(G_x - G_ax[None, :])
+        row_a = tl.zeros([SUB, K], dtype=tl.float32)
+        row_p = tl.zeros([SUB, K], dtype=tl.float32)
+        col_a = tl.zeros([SUB, K], dtype=tl.float32)
+        col_p = tl.zeros([SUB, K], dtype=tl.float32)
+        # rows of X against earlier column blocks J (anchor: X's first row)
+        for J in tl.static_range(X):
+            G_j = load_G(G, t0, J * SUB, n, H, i_h, G_last, K, SUB)
+            k_ja = load_qk(k, rk, t0, J * SUB, n, H, i_h, K, SUB, L2NORM) * tl.exp(G_ax[None, :] - G_j)
+            row_a += e_x * tl.dot(load_tile(dA, t0, r0, n, H, i_h, C, J * SUB, SUB, SUB), k_ja)
+            row_p += e_x * tl.dot(load_tile(dP, t0, r0, n, H, i_h, C, J * SUB, SUB, SUB), k_ja)
+        # columns of X against later row blocks I (anchor: I's first row)
+        for I in tl.static_range(X + 1, 4):
+            G_i = load_G(G, t0, I * SUB, n, H, i_h, G_last, K, SUB)
+            G_ai = first_row(G_i, SUB)
+            e_i = tl.exp(G_i - G_ai[None, :])
+            k_i = load_qk(k, rk, t0, I * SUB, n, H, i_h, K, SUB, L2NORM) * e_i
+            q_i = load_qk(q, rq, t0, I * SUB, n, H, i_h, K, SUB, L2NORM) * e_i
+            e_col = tl.exp(G_ai[None, :] - G_x)
+            col_a += e_col * tl.dot(tl.trans(load_tile(dA, t0, I * SUB, n, H, i_h, C, r0, SUB, SUB)), k_i)
+            col_p += e_col * tl.dot(tl.trans(load_tile(dP, t0, I * SUB, n, H, i_h, C, r0, SUB, SUB)), q_i)
+        dA_xx = load_tile(dA, t0, r0, n, H, i_h, C, r0, SUB, SUB)
+        dP_xx = load_tile(dP, t0, r0, n, H, i_h, C, r0, SUB, SUB)
+        if anchor_safe(G, t0, r0, n, H, i_h, K):
+            e_inv = tl.exp(G_ax[None, :] - G_x)
+            row_a += e_x * tl.dot(dA_xx, k_x * e_inv)
+            row_p += e_x * tl.dot(dP_xx, k_x * e_inv)
+            col_a += e_inv * tl.dot(tl.trans(dA_xx), k_x * e_x)
+            col_p += e_inv * tl.dot(tl.trans(dP_xx), q_x * e_x)
+        else:
+            ra, ca = exact_diag_grads(dA_xx, k_x, k_x, G_x, SUB)
+            rp, cp = exact_diag_grads(dP_xx, k_x, q_x, G_x, SUB)
+            row_a += ra
+            col_a += ca
+            row_p += rp
+            col_p += cp
+        row_p = row_p * scale
+        col_p = col_p * scale
+        dq_hat = load_rows(dq_part, t0, r0, n, H, i_h, K, SUB) + row_p
+        dk_hat = load_rows(dk_part, t0, r0, n, H, i_h, K, SUB) + row_a + col_a + col_p
+        dG = load_rows(dG_part, t0, r0, n, H, i_h, K, SUB) + q_x * row_p + k_x * (row_a - col_a - col_p)
+        # g -> G is a cumsum inside the chunk, so dg is the reverse cumsum of dG (plus what later blocks carry)
+        dgx = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG + carry[None, :]
+        carry += tl.sum(dG, axis=0)
         if L2NORM:
-            dq_hat = r_q * (dq_hat - load_qk_cols(q, rq, t0, 0, n, H, i_h, K, c0, BK, C, True) * sq[:, None])
-            dk_hat = r_k * (dk_hat - load_qk_cols(k, rk, t0, 0, n, H, i_h, K, c0, BK, C, True) * sk[:, None])
-        store_tile(dq, dq_hat, t0, 0, n, H, i_h, K, c0, BK, C)
-        store_tile(dk, dk_hat, t0, 0, n, H, i_h, K, c0, BK, C)
-        # g -> G is a cumsum inside the chunk: dg is the reverse cumsum of dG, plus G_last's gradient, which
-        # reaches every row (padded rows of dG are zero)
-        dG = load_tile(dG_part, t0, 0, n, H, i_h, K, c0, BK, C)
-        dgl = tl.load(dG_last + (i_c.to(tl.int64) * H + i_h) * K + c0 + tl.arange(0, BK))
-        dgx = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG + dgl[None, :]
+            r_q = load_vec(rq, t0, r0, n, H, i_h, SUB)[:, None]
+            r_k = load_vec(rk, t0, r0, n, H, i_h, SUB)[:, None]
+            dq_hat = r_q * (dq_hat - q_x * tl.sum(q_x * dq_hat, axis=1)[:, None])
+            dk_hat = r_k * (dk_hat - k_x * tl.sum(k_x * dk_hat, axis=1)[:, None])
+        store_rows(dq, dq_hat, t0, r0, n, H, i_h, K, SUB)
+        store_rows(dk, dk_hat, t0, r0, n, H, i_h, K, SUB)
         if HAS_GATE:
-            dt = tl.load(dt_bias + i_h * K + c0 + tl.arange(0, BK))
-            x = load_tile(g, t0, 0, n, H, i_h, K, c0, BK, C) + dt[None, :]
+            valid = ((r0 + tl.arange(0, SUB)) < n)[:, None]
+            x = load_rows(g, t0, r0, n, H, i_h, K, SUB) + dt[None, :]
             if BOUNDED:
                 s = tl.sigmoid(a_h * x)
-                dx = dgx * lower_bound * s * (1.0 - s) * a_h
+                dgate = lower_bound * s * (1.0 - s)  # d g / d (a x)
+                dx = dgx * dgate * a_h
                 dA_log_acc += tl.sum(tl.where(valid, dx * x, 0.0), axis=0)
             else:
                 softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
                 dx = -dgx * a_h * tl.sigmoid(x)
                 dA_log_acc += tl.sum(tl.where(valid, -dgx * a_h * softplus, 0.0), axis=0)
-            tl.store(ddt_part + (i_c.to(tl.int64) * H + i_h) * K + c0 + tl.arange(0, BK),
-                     tl.sum(tl.where(valid, dx, 0.0), axis=0))
-            store_tile(dg, dx, t0, 0, n, H, i_h, K, c0, BK, C)
+            ddt_acc += tl.sum(tl.where(valid, dx, 0.0), axis=0)
+            store_rows(dg, dx, t0, r0, n, H, i_h, K, SUB)
         else:
-            store_tile(dg, dgx, t0, 0, n, H, i_h, K, c0, BK, C)
+            store_rows(dg, dgx, t0, r0, n, H, i_h, K, SUB)
     if HAS_GATE:
         tl.store(dA_log_part + i_c.to(tl.int64) * H + i_h, tl.sum(dA_log_acc, axis=0))
+        tl.store(ddt_part + (i_c.to(tl.int64) * H + i_h) * K + tl.arange(0, K), ddt_acc)
+

@@ -154,3 +154,9 @@ def exact_diag_scores(x, k, G, INCLUDE_DIAG: tl.constexpr, R: tl.constexpr):
         col = tl.sum(x * k_j[None, :] * e, axis=1)
         out = tl.where((rows == j)[None, :], col[:, None], out)
     return out
+
+
+@triton.jit
+def first_row(x, R: tl.constexpr):
+    """Row 0 of an ``[R, D]`` tile, as a ``[D]`` vector."""
+    return tl.sum(tl.where((tl.arange(0, R) == 0)[:, None], x, 0.0), axis=0)
