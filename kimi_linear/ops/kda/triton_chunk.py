@@ -24,8 +24,10 @@ from kimi_linear.ops.kda.validate import check_kda_inputs
 
 
 def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Head sizes the kernels handle: powers of two from 16 to 256 (whole rows live in one tile)."""
-    return all(d >= 16 and d <= 256 and d & (d - 1) == 0 for d in (q.shape[-1], v.shape[-1]))
+    """What the kernels handle: head sizes that are powers of two from 16 to 256 (whole rows live in one
+    tile) and bf16/fp16/fp32 inputs (fp64 stays on the PyTorch path, which computes in fp64)."""
+    sizes_ok = all(16 <= d <= 256 and d & (d - 1) == 0 for d in (q.shape[-1], v.shape[-1]))
+    return sizes_ok and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
 @dataclass
