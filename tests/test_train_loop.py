@@ -71,6 +71,17 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path, corpus):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_activation_checkpointing_and_balance_loss(tmp_path, corpus):
+    runs = {name: config(tmp_path, corpus, name=name, steps=3, **kw) for name, kw in {
+        "plain": {}, "balanced": dict(balance_loss_coef=0.1),
+        "recomputed": dict(balance_loss_coef=0.1, activation_checkpointing=True)}.items()}
+    for cfg in runs.values():
+        Trainer(cfg).train()
+    losses = {name: train_losses(cfg.run_dir) for name, cfg in runs.items()}
+    assert losses["balanced"][0] > losses["plain"][0] + 0.05  # the sequence-level balance loss is added (~0.1 x 3)
+    torch.testing.assert_close(losses["recomputed"], losses["balanced"], rtol=1e-6, atol=0)
+
+
 def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
     cfg = config(tmp_path, corpus)
     trainer = Trainer(cfg)

@@ -116,8 +116,6 @@ def validate_config(cfg: TrainConfig, env: DistEnv, model_config: KimiLinearConf
     if cfg.expert_parallel and model_config.num_experts % env.world:
         raise UserError(f"--expert-parallel needs num_experts ({model_config.num_experts}) divisible by the number "
                         f"of processes ({env.world})")
-    if cfg.compile and cfg.activation_checkpointing and env.device.type == "cpu":
-        raise UserError("--compile with --activation-checkpointing is not supported on CPU")
     if model_config.bos_token_id != ByteTokenizer().bos_token_id or model_config.vocab_size < 259:
         raise UserError("training uses the byte-level tokenizer: the model needs vocab_size >= 259 and "
                         "bos_token_id 256 (use a byte-level preset such as 'tiny')")
@@ -188,6 +186,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        """Average over ranks (of token-share-weighted losses: the mean loss over all predicted tokens)."""
         value = value.detach()
         if self.env.world > 1:
             value = value.clone()
@@ -213,7 +212,8 @@ class Trainer:
         ids, pos = ids.to(env.device, non_blocking=True), pos.to(env.device, non_blocking=True)
         self.model.train()
         out = self.forward(ids, labels=ids, position_ids=pos, balance_loss_coef=cfg.balance_loss_coef)
-        (out.loss * self._token_share(pos)).backward()
+        loss = out.loss * self._token_share(pos)
+        loss.backward()
         grad_norm = clip_grad_norm([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -224,7 +224,7 @@ class Trainer:
             update_router_bias(moe, loads, cfg.balance_gamma)
             imbalance = load_imbalance(loads)
         self.step += 1
-        return {"loss": self._mean_over_ranks(out.loss), "lr": lr, "grad_norm": float(grad_norm),
+        return {"loss": self._mean_over_ranks(loss), "lr": lr, "grad_norm": float(grad_norm),
                 "imbalance": imbalance}
 
     @torch.no_grad()
