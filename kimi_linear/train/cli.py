@@ -17,7 +17,8 @@ from kimi_linear.train.checkpointing import find_checkpoint, load_trainer_state
 
 # (flag, TrainConfig field, argparse options)
 OPTIONS: list[tuple[str, str, dict]] = [
-    ("--name", "name", dict(help="run name: the run is saved to RUNS_DIR/NAME (default tiny-stdlib)")),
+    ("--name", "name", dict(help="run name: the run is saved to RUNS_DIR/NAME (default PRESET-DATA, e.g. "
+                                 "tiny-stdlib)")),
     ("--runs-dir", "runs_dir", dict(help="directory of runs (default runs)")),
     ("--preset", "preset", dict(choices=sorted(PRESETS), help="model preset (default tiny)")),
     ("--config", "model_config", dict(help="model config.json (or a model directory) instead of a preset")),
@@ -64,7 +65,8 @@ def train_config_from_args(args: argparse.Namespace):
     given = {dest: getattr(args, dest) for _, dest, _ in OPTIONS if getattr(args, dest, None) is not None}
     if "preset" in given and "model_config" in given:
         raise UserError("--preset and --config both choose the model: give one of them")
-    base = TrainConfig(**{k: v for k, v in given.items() if k in ("name", "runs_dir")})
+    base = TrainConfig(**{k: v for k, v in given.items() if k in ("name", "runs_dir", "preset", "model_config",
+                                                                   "data")})
     if args.resume:
         checkpoint = find_checkpoint(base.run_dir)
         if checkpoint is None:

@@ -44,7 +44,7 @@ LN2 = math.log(2)
 class TrainConfig:
     """Everything a run depends on. ``RESUME_KEYS`` must match when resuming; the rest may change."""
 
-    name: str = "tiny-stdlib"
+    name: str = ""  # default: "<preset or config>-<data>", e.g. "tiny-stdlib"
     runs_dir: str = "runs"
     preset: str = "tiny"
     model_config: str | None = None  # path to a config.json / model dir; replaces the preset
@@ -78,6 +78,11 @@ class TrainConfig:
 
     RESUME_KEYS = ("preset", "model_config", "data", "seq_len", "batch_size", "seed", "val_fraction",
                    "expert_parallel")
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            model = Path(self.model_config).stem if self.model_config else self.preset
+            self.name = f"{model}-{Path(self.data[0]).stem if self.data else 'stdlib'}"
 
     @property
     def run_dir(self) -> Path:
