@@ -47,7 +47,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = KimiLinearForCausalLM(bench_config()).to("cuda", torch.bfloat16)
     rows = []
-    for B, T in ((2, 4096), (1, 8192)):
+    for B, T in ((1, 2048), (2, 2048)):
         x = torch.randint(0, 32768, (B, T), device="cuda")
         row = {"case": f"train step B={B} T={T}"}
         for backend in BACKENDS:
@@ -57,11 +57,15 @@ def main() -> None:
                 model.zero_grad(set_to_none=True)
                 model(x, labels=x).loss.backward()
 
-            row[f"{backend} ms"] = timed(step, iters=3)
+            try:
+                row[f"{backend} ms"] = timed(step, iters=3)
+            except torch.OutOfMemoryError:  # the PyTorch chunkwise KDA materialises per-chunk decay tensors
+                torch.cuda.empty_cache()
+                row[f"{backend} ms"] = float("nan")
         row["speedup"] = row["torch ms"] / row["triton ms"]
         rows.append(row)
     model.eval()
-    for N, context in ((1, 4096), (64, 1024)):
+    for N, context in ((1, 1024), (64, 256)):
         row = {"case": f"decode N={N} context={context}"}
         prompt = torch.randint(0, 32768, (N, context), device="cuda")
         for backend in BACKENDS:

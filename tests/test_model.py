@@ -173,3 +173,21 @@ def test_bf16_model_prefill_and_decode(model):
     steps = torch.cat([half(x[:, :15], cache=cache).logits] +
                       [half(x[:, t:t + 1], cache=cache).logits for t in range(15, 20)], 1)
     assert steps.dtype == torch.bfloat16 and rel(steps.float(), full.float()) <= 2e-2
+
+
+def test_forcing_triton_keeps_every_gradient(model, monkeypatch):
+    """Forward-only kernels (conv, norms) must step aside when gradients are needed, even when forced."""
+    from kimi_linear.ops.backend import BACKEND_ENV
+
+    x = ids(1, 20)
+    grads = {}
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv(BACKEND_ENV, choice)
+        model.zero_grad(set_to_none=True)
+        model(x, labels=x).loss.backward()
+        grads[choice] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    assert grads["triton"].keys() == grads["torch"].keys()
+    assert len(grads["torch"]) == len(list(model.parameters()))
+    for n in grads["torch"]:
+        assert torch.allclose(grads["triton"][n], grads["torch"][n], rtol=1e-3, atol=1e-6), n

@@ -30,12 +30,11 @@ def set_backend(name: str) -> None:
 
 
 def use_kernel(x: torch.Tensor, *, supported: bool = True) -> bool:
-    """Whether an op called on ``x`` should run its Triton kernel; ``supported`` is the kernel's own verdict
-    on the inputs (shapes, dtypes, autograd), which ``auto`` respects and ``triton`` overrides."""
+    """Whether an op called on ``x`` should run its Triton kernel. ``supported`` is the kernel's own verdict on
+    the inputs (shapes, dtypes, whether it can give the gradients asked for): an unsupported call always takes
+    the PyTorch path, so forcing ``triton`` never silently drops a gradient."""
     choice = backend()
-    if choice == "auto":
-        return x.is_cuda and supported
-    return choice == "triton"
+    return supported and (choice == "triton" or (choice == "auto" and x.is_cuda))
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
