@@ -50,7 +50,8 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
     E, out_dim, in_dim = weight.shape
     if (x.is_cuda and x.dtype == torch.bfloat16 and in_dim % 8 == 0 and out_dim % 8 == 0
             and hasattr(torch, "_grouped_mm")):
-        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+        # Under autocast x arrives in bf16 while the stacked weight stays fp32: grouped_mm needs one dtype.
+        return torch._grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offs=offsets)
     parts = [x_e @ weight[e].t() for e, x_e in enumerate(x.split(counts.tolist())) if x_e.shape[0]]
     return torch.cat(parts) if parts else x.new_zeros(0, out_dim)
 
