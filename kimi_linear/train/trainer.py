@@ -285,7 +285,8 @@ class Trainer:
                 val_loss = self.evaluate()
                 self.log.write({"kind": "val", "step": self.step, "val_loss": val_loss,
                                 "val_bits_per_byte": val_loss / LN2})
-                bar.write(f"step {self.step}: val loss {val_loss:.4f} ({val_loss / LN2:.3f} bits/byte)")
+                if env.is_main:
+                    bar.write(f"step {self.step}: val loss {val_loss:.4f} ({val_loss / LN2:.3f} bits/byte)")
             if self.step % cfg.save_every == 0 or self.step == stop:
                 self.save()
         bar.close()
