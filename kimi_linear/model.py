@@ -79,22 +79,17 @@ class KimiLinearForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.activation_checkpointing = False
-        self.init_weights()
+        self._init_projections()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, initializer_range) for projections and embeddings; ones for norms; KDA gate ranges as in
-        the released recipe (see ``KimiDeltaAttention.reset_gate_parameters``); zero router bias."""
+    def _init_projections(self) -> None:
+        """Normal(0, initializer_range) for projections and embeddings, instead of PyTorch's defaults. Every other
+        module initialises itself when built: norms to ones, convs by default, router and experts normal with
+        a zero correction bias, KDA gates as in the released recipe (``KimiDeltaAttention.reset_gate_parameters``)."""
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, nn.Conv1d):
-                module.reset_parameters()
-            elif hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-            if isinstance(module, KimiDeltaAttention):
-                module.reset_gate_parameters()
 
     # ----------------------------------------------------------------------------------------------------------
     def forward(
