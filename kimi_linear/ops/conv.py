@@ -15,6 +15,25 @@ import torch.nn.functional as F
 from kimi_linear.ops.backend import needs_grad, use_kernel
 
 
+def check_conv_inputs(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Tensor | None,
+                      cu_seqlens: torch.Tensor | None, activation: str | None) -> int:
+    """Validate the ``causal_conv1d`` contract (shared by every implementation); returns N, the number of
+    sequences."""
+    B, T, D = x.shape
+    W = weight.shape[-1]
+    if weight.shape != (D, W):
+        raise ValueError(f"conv weight must be [D, W] = [{D}, W], got {tuple(weight.shape)}")
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got B = {B}")
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None and tuple(initial_state.shape) != (N, D, W - 1):
+        raise ValueError(f"conv initial_state must be [N, D, W-1] = [{N}, {D}, {W - 1}], "
+                         f"got {tuple(initial_state.shape)}")
+    return N
+
+
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -35,13 +54,10 @@ def causal_conv1d(
 
         return causal_conv1d_triton(x, weight, initial_state=initial_state, output_final_state=output_final_state,
                                     cu_seqlens=cu_seqlens, activation=activation)
+    N = check_conv_inputs(x, weight, initial_state, cu_seqlens, activation)
     B, T, D = x.shape
     W = weight.shape[-1]
     acc = torch.promote_types(x.dtype, torch.float32)
-    if weight.shape != (D, W):
-        raise ValueError(f"conv weight must be [D, W] = [{D}, W], got {tuple(weight.shape)}")
-    if activation not in (None, "silu"):
-        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
     if cu_seqlens is None and initial_state is None and not output_final_state:
         y = F.conv1d(x.transpose(1, 2).to(acc), weight.to(acc)[:, None, :], padding=W - 1, groups=D)[..., :T]
         y = y.transpose(1, 2)
@@ -49,13 +65,7 @@ def causal_conv1d(
 
     if cu_seqlens is None:
         cu_seqlens = torch.arange(B + 1, device=x.device) * T
-    elif B != 1:
-        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got B = {B}")
     cu = cu_seqlens.to(device=x.device, dtype=torch.long)
-    N = cu.numel() - 1
-    if initial_state is not None and tuple(initial_state.shape) != (N, D, W - 1):
-        raise ValueError(f"conv initial_state must be [N, D, W-1] = [{N}, {D}, {W - 1}], "
-                         f"got {tuple(initial_state.shape)}")
     lengths = cu[1:] - cu[:-1]
     total = B * T
     flat = x.reshape(total, D)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kimi_linear.ops.conv import check_conv_inputs
+
 
 @triton.jit
 def _sequence_of(rows, cu, T, N, VARLEN: tl.constexpr, LOG_N: tl.constexpr):
@@ -114,20 +116,11 @@ def causal_conv1d_triton(
     weight ``[D, W]``; initial_state / final state ``[N, D, W-1]`` in x's dtype; cu_seqlens ``[N + 1]`` int
     offsets with B = 1. Returns y ``[B, T, D]`` in x's dtype and the final state (or None).
     """
+    N = check_conv_inputs(x, weight, initial_state, cu_seqlens, activation)
     B, T, D = x.shape
     W = weight.shape[-1]
-    if weight.shape != (D, W):
-        raise ValueError(f"conv weight must be [D, W] = [{D}, W], got {tuple(weight.shape)}")
-    if activation not in (None, "silu"):
-        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
     if x.dtype == torch.float64:
         raise ValueError("the Triton conv accumulates in fp32: use the PyTorch path for fp64")
-    if cu_seqlens is not None and B != 1:
-        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got B = {B}")
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    if initial_state is not None and tuple(initial_state.shape) != (N, D, W - 1):
-        raise ValueError(f"conv initial_state must be [N, D, W-1] = [{N}, {D}, {W - 1}], "
-                         f"got {tuple(initial_state.shape)}")
     if x.stride(-1) != 1 or x.stride(0) != T * x.stride(1):
         x = x.contiguous()
     stride_x = x.stride(1)
