@@ -48,14 +48,22 @@ class HybridCache:
             else:
                 self.mla_latent[i] = torch.zeros(batch_size, max_length, latent, device=device, dtype=dtype)
         self.key_mask = torch.zeros(batch_size, max_length, device=device, dtype=torch.bool)
+        self.has_padding = False
         self.slots = torch.arange(batch_size, device=device)
 
     def begin_step(self, num_tokens: int, attention_mask: torch.Tensor | None) -> None:
-        """Reserve positions ``[length, length + num_tokens)`` and record which are real tokens."""
+        """Reserve positions ``[length, length + num_tokens)`` and record which are real tokens
+        (``attention_mask`` None: all of them)."""
         if self.length + num_tokens > self.max_length:
             raise ValueError(f"cache holds {self.max_length} positions; {self.length} used, {num_tokens} more asked")
         new = slice(self.length, self.length + num_tokens)
         self.key_mask[:, new] = True if attention_mask is None else attention_mask.to(torch.bool)
+        self.has_padding |= attention_mask is not None
+
+    def step_key_mask(self, num_tokens: int) -> torch.Tensor | None:
+        """``[B, length + num_tokens]`` real-token mask over the cached and new positions, or None when no
+        position is padding (known without reading the mask, so decode steps need no host sync)."""
+        return self.key_mask[:, :self.length + num_tokens] if self.has_padding else None
 
     def end_step(self, num_tokens: int) -> None:
         self.length += num_tokens

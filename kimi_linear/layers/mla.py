@@ -62,7 +62,7 @@ class MultiHeadLatentAttention(nn.Module):
             store = cache.mla_latent[self.layer_idx]
             store[:, past:past + T] = latent
             latent = store[:, :past + T]
-            key_mask = None if bool(cache.key_mask[:, :past + T].all()) else cache.key_mask[:, :past + T]
+            key_mask = cache.step_key_mask(T)
         mask = self._mask(info, T, past, key_mask, x.device)
         if cache is not None and T <= MAX_ABSORBED_STEP:
             o = self._absorbed(q, latent, mask)
