@@ -90,6 +90,17 @@ def test_matches_torch_chunk(T, gate):
     assert_close(x, seed=T, tol=tol if not CUDA else 5e-3, **options(gate))
 
 
+@pytest.mark.parametrize("gate", ["bounded", "steep"])
+def test_inference_forward_matches_training_forward(gate):
+    """Without autograd the forward saves nothing for backward; a steep block must still take the exact path
+    (it then writes G and the norm factors itself)."""
+    x = make_inputs(70, 2, 32, 32, seed=6, gate=gate)
+    o_train, f_train = chunk_kda_triton(**x, output_final_state=True, **options(gate))
+    with torch.no_grad():
+        o, f = chunk_kda_triton(**x, output_final_state=True, **options(gate))
+    assert torch.equal(o, o_train) and torch.equal(f, f_train)
+
+
 def test_packed_sequences_with_an_empty_one():
     lengths = [17, 64, 0, 40, 1]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)

@@ -93,7 +93,7 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
         q, k, g, beta, A_log if has_gate else G, dt_bias if has_gate else G, G, beta_f, rq, rk,
         chunks.start, chunks.length, float(lower_bound or 0.0), H,
         K=K, C=CHUNK, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, L2NORM=l2norm, SIGMOID=sigmoid,
-        num_warps=8,
+        num_warps=8, PREC=_precision(cdt),
     )
     W, qg, kg = (torch.empty(T, H, K, dtype=cdt, device=dev) for _ in range(3))
     U = torch.empty(T, H, V, dtype=cdt, device=dev)
@@ -102,7 +102,7 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
     A = torch.empty(T, H, CHUNK, **f32)
     intra_kernel[grid](
         q, k, v, G, beta_f, rq, rk, W, U, P, M, A, qg, kg, chunks.start, chunks.length, scale, H,
-        K=K, V=V, C=CHUNK, BK=min(K, 64), L2NORM=l2norm, num_warps=8,
+        K=K, V=V, C=CHUNK, BK=min(K, 64), L2NORM=l2norm, num_warps=8, PREC=_precision(cdt),
     )
     o = torch.empty(T, H, V, dtype=v.dtype, device=dev)
     final = torch.empty(n_seq, H, K, V, **f32) if want_final else None
@@ -115,10 +115,16 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
         W, U, P, qg, kg, G, o, h0 if h0 is not None else G, final if want_final else G, h if store_h else G,
         v_new if training else G, chunks.cu, chunks.offset, H,
         K=K, V=V, BV=BV, C=CHUNK, HAS_H0=h0 is not None, STORE_HT=want_final, STORE_H=store_h, STORE_V=training,
-        PIPELINE=not _interpreting(), num_warps=4 if BV < 64 else 8,
+        PIPELINE=not _interpreting(), num_warps=4 if BV < 64 else 8, PREC=_precision(cdt),
     )
     saved = dict(G=G, beta_f=beta_f, rq=rq, rk=rk, W=W, P=P, qg=qg, kg=kg, M=M, A=A, h=h, v_new=v_new)
     return o, final, h if want_states else None, saved
+
+
+def _precision(cdt: torch.dtype) -> str:
+    """How the kernels run fp32 matrix products: TF32 when the inputs are bf16/fp16 (its rounding is finer than
+    theirs), three-pass TF32 (about fp32 accuracy) when the caller passed fp32."""
+    return "tf32x3" if cdt == torch.float32 else "tf32"
 
 
 def _interpreting() -> bool:
@@ -181,7 +187,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
         do, saved["P"], saved["qg"], saved["kg"], saved["W"], G, dfinal if dfinal is not None else G, dh, dv_new,
         dh0, chunks.cu, chunks.offset, H,
         K=K, V=V, BV=BV, C=CHUNK, HAS_DHT=dfinal is not None, PIPELINE=not _interpreting(),
-        num_warps=4 if BV < 64 else 8,
+        num_warps=4 if BV < 64 else 8, PREC=_precision(cdt),
     )
     # 2. per chunk: everything that needs whole rows of K and V
     dA = torch.empty(T, H, CHUNK, **f32)
@@ -194,7 +200,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
     grads_kernel_a[grid](
         q, k, v, rq, rk, G, saved["beta_f"], saved["M"], saved["A"], saved["h"], saved["v_new"], do, dh,
         dv_new, dA, dP, dq_part, dk_part, dG_part, dG_last, dbeta, dv, chunks.start, chunks.length, scale, H,
-        K=K, V=V, BV=min(V, 64), C=CHUNK, L2NORM=l2norm, SIGMOID=sigmoid, num_warps=8,
+        K=K, V=V, BV=min(V, 64), C=CHUNK, L2NORM=l2norm, SIGMOID=sigmoid, num_warps=8, PREC=_precision(cdt),
     )
     # 3. per chunk: the decayed-score gradients, the reverse cumsum into g, and the fused pre-processing
     dq, dk = torch.empty_like(q), torch.empty_like(k)
@@ -206,6 +212,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
         dG_part, dG_last, dq, dk, dg, dA_log_part if has_gate else G, ddt_part if has_gate else G,
         chunks.start, chunks.length, float(lower_bound or 0.0), scale, H,
         K=K, C=CHUNK, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, L2NORM=l2norm, num_warps=8,
+        PREC=_precision(cdt),
     )
     dA_log = dA_log_part.sum(0).view_as(A_log) if has_gate else None
     ddt_bias = ddt_part.sum(0).view_as(dt_bias) if has_gate else None

@@ -36,7 +36,8 @@ from kimi_linear.ops.kda.triton_common import (
 
 @triton.jit
 def state_bwd_step(dS, c, bos, eos, c0, i_v, i_h, do, P, qg, kg, W, G, dh, dv_new, H, K: tl.constexpr,
-                   V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
+                   V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                   PREC: tl.constexpr):
     """Chunk c of one sequence, backward: dS ``[K, BV]`` is the gradient at its end; returns it at its start."""
     t0 = bos + c * C
     n = tl.minimum(eos - t0, C)
@@ -46,20 +47,20 @@ def state_bwd_step(dS, c, bos, eos, c0, i_v, i_h, do, P, qg, kg, W, G, dh, dv_ne
     tl.store(dh + ((c0 + c).to(tl.int64) * H + i_h) * K * V + dk[:, None] * V + dv[None, :],
              dS.to(dh.dtype.element_ty))
     d_o = load_tile(do, t0, 0, n, H, i_h, V, i_v * BV, BV, C).to(cdt)
-    dvn = tl.dot(tl.trans(load_tile_native(P, t0, 0, n, H, i_h, C, 0, C, C)), d_o)
-    dvn += tl.dot(load_tile_native(kg, t0, 0, n, H, i_h, K, 0, K, C), dS.to(cdt))
+    dvn = tl.dot(tl.trans(load_tile_native(P, t0, 0, n, H, i_h, C, 0, C, C)), d_o, input_precision=PREC)
+    dvn += tl.dot(load_tile_native(kg, t0, 0, n, H, i_h, K, 0, K, C), dS.to(cdt), input_precision=PREC)
     store_tile(dv_new, dvn, t0, 0, n, H, i_h, V, i_v * BV, BV, C)
     G_last = load_row(G, t0 + n - 1, H, i_h, K)
     dS = dS * tl.exp(G_last)[:, None]
-    dS += tl.dot(tl.trans(load_tile_native(qg, t0, 0, n, H, i_h, K, 0, K, C)), d_o)
-    return dS - tl.dot(tl.trans(load_tile_native(W, t0, 0, n, H, i_h, K, 0, K, C)), dvn.to(cdt))
+    dS += tl.dot(tl.trans(load_tile_native(qg, t0, 0, n, H, i_h, K, 0, K, C)), d_o, input_precision=PREC)
+    return dS - tl.dot(tl.trans(load_tile_native(W, t0, 0, n, H, i_h, K, 0, K, C)), dvn.to(cdt), input_precision=PREC)
 
 
 @triton.jit
 def state_bwd_kernel(
     do, P, qg, kg, W, G, dhT, dh, dv_new, dh0, cu_seqlens, chunk_offset, H,
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_DHT: tl.constexpr,
-    PIPELINE: tl.constexpr,
+    PIPELINE: tl.constexpr, PREC: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -77,12 +78,12 @@ def state_bwd_kernel(
     if PIPELINE:  # see state_out_kernel
         for i in tl.range(0, n_chunks, num_stages=2):
             dS = state_bwd_step(dS, n_chunks - 1 - i, bos, eos, c0, i_v, i_h, do, P, qg, kg, W, G, dh, dv_new, H,
-                                K, V, BV, C)
+                                K, V, BV, C, PREC)
     else:
         i = 0
         while i < n_chunks:
             dS = state_bwd_step(dS, n_chunks - 1 - i, bos, eos, c0, i_v, i_h, do, P, qg, kg, W, G, dh, dv_new, H,
-                                K, V, BV, C)
+                                K, V, BV, C, PREC)
             i += 1
     tl.store(dh0 + state_offs, dS)
 
@@ -99,7 +100,7 @@ def grads_kernel_a(
     q, k, v, rq, rk, G, beta_f, M, A, h, v_new, do, dh, dv_new,
     dA, dP, dq_part, dk_part, dG_part, dG_last, dbeta, dv, chunk_start, chunk_len, scale, H,
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, L2NORM: tl.constexpr,
-    SIGMOID: tl.constexpr,
+    SIGMOID: tl.constexpr, PREC: tl.constexpr,
 ):
     """Three passes over V (S, dS: the state at the chunk's start and its gradient at the end), one [C, K]
     accumulator live at a time; the per-token partials go straight to memory (re-read when added to)."""
@@ -115,8 +116,8 @@ def grads_kernel_a(
     dp = tl.zeros([C, C], dtype=tl.float32)
     for iv in tl.static_range(V // BV):
         d_o = load_tile(do, t0, 0, n, H, i_h, V, iv * BV, BV, C).to(cdt)
-        dqg += tl.dot(d_o, tl.trans(load_state(h, i_c, i_h, H, K, V, iv * BV, BV).to(cdt)))
-        dp += tl.dot(d_o, tl.trans(load_tile(v_new, t0, 0, n, H, i_h, V, iv * BV, BV, C).to(cdt)))
+        dqg += tl.dot(d_o, tl.trans(load_state(h, i_c, i_h, H, K, V, iv * BV, BV).to(cdt)), input_precision=PREC)
+        dp += tl.dot(d_o, tl.trans(load_tile(v_new, t0, 0, n, H, i_h, V, iv * BV, BV, C).to(cdt)), input_precision=PREC)
     store_rows(dP, tl.where(rows[:, None] >= rows[None, :], dp, 0.0), t0, 0, n, H, i_h, C, C)
     qg = scale * tl.exp(load_G(G, t0, 0, n, H, i_h, G_last, K, C)) * load_qk(q, rq, t0, 0, n, H, i_h, K, C, L2NORM)
     store_rows(dq_part, scale * tl.exp(load_G(G, t0, 0, n, H, i_h, G_last, K, C)) * dqg, t0, 0, n, H, i_h, K, C)
@@ -127,7 +128,8 @@ def grads_kernel_a(
     dgl = tl.zeros([K], dtype=tl.float32)
     for iv in tl.static_range(V // BV):
         dS = load_state(dh, i_c, i_h, H, K, V, iv * BV, BV)
-        dkg += tl.dot(load_tile(v_new, t0, 0, n, H, i_h, V, iv * BV, BV, C).to(cdt), tl.trans(dS.to(cdt)))
+        dkg += tl.dot(load_tile(v_new, t0, 0, n, H, i_h, V, iv * BV, BV, C).to(cdt), tl.trans(dS.to(cdt)),
+                      input_precision=PREC)
         dgl += tl.sum(dS.to(tl.float32) * load_state(h, i_c, i_h, H, K, V, iv * BV, BV).to(tl.float32), axis=1)
     to_end = tl.exp(G_last[None, :] - load_G(G, t0, 0, n, H, i_h, G_last, K, C))
     kg = load_qk(k, rk, t0, 0, n, H, i_h, K, C, L2NORM) * to_end
@@ -146,21 +148,21 @@ def grads_kernel_a(
     for iv in tl.static_range(V // BV):
         dvn = load_tile(dv_new, t0, 0, n, H, i_h, V, iv * BV, BV, C)
         vt = load_tile(v, t0, 0, n, H, i_h, V, iv * BV, BV, C)
-        dW -= tl.dot(dvn.to(cdt), tl.trans(load_state(h, i_c, i_h, H, K, V, iv * BV, BV).to(cdt)))
-        dx_u = tl.dot(tl.trans(m), dvn)
-        dM += tl.dot(dvn, tl.trans(b[:, None] * vt))
+        dW -= tl.dot(dvn.to(cdt), tl.trans(load_state(h, i_c, i_h, H, K, V, iv * BV, BV).to(cdt)), input_precision=PREC)
+        dx_u = tl.dot(tl.trans(m), dvn, input_precision=PREC)
+        dM += tl.dot(dvn, tl.trans(b[:, None] * vt), input_precision=PREC)
         db += tl.sum(dx_u * vt, axis=1)
         store_tile(dv, b[:, None] * dx_u, t0, 0, n, H, i_h, V, iv * BV, BV, C)
     gam = tl.exp(load_G(G, t0, 0, n, H, i_h, G_last, K, C))
     kn = load_qk(k, rk, t0, 0, n, H, i_h, K, C, L2NORM)
-    dx_w = tl.dot(tl.trans(m), dW)
-    dM += tl.dot(dW, tl.trans(b[:, None] * gam * kn))
+    dx_w = tl.dot(tl.trans(m), dW, input_precision=PREC)
+    dM += tl.dot(dW, tl.trans(b[:, None] * gam * kn), input_precision=PREC)
     tl.debug_barrier()
     store_rows(dk_part, load_rows(dk_part, t0, 0, n, H, i_h, K, C) + b[:, None] * gam * dx_w, t0, 0, n, H, i_h, K, C)
     store_rows(dG_part, load_rows(dG_part, t0, 0, n, H, i_h, K, C) + dx_w * (b[:, None] * gam * kn),
                t0, 0, n, H, i_h, K, C)
     db += tl.sum(dx_w * gam * kn, axis=1)
-    dL = -tl.dot(tl.dot(tl.trans(m), dM), tl.trans(m))
+    dL = -tl.dot(tl.dot(tl.trans(m), dM, input_precision=PREC), tl.trans(m))
     dL = tl.where(rows[:, None] > rows[None, :], dL, 0.0)
     db += tl.sum(dL * load_rows(A, t0, 0, n, H, i_h, C, C), axis=1)
     if SIGMOID:
@@ -192,6 +194,7 @@ def grads_kernel_b(
     q, k, g, rq, rk, G, A_log, dt_bias, dA, dP, dq_part, dk_part, dG_part, dG_last, dq, dk, dg,
     dA_log_part, ddt_part, chunk_start, chunk_len, lower_bound, scale, H,
     K: tl.constexpr, C: tl.constexpr, HAS_GATE: tl.constexpr, BOUNDED: tl.constexpr, L2NORM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0 = tl.load(chunk_start + i_c)
@@ -219,8 +222,8 @@ def grads_kernel_b(
         for J in tl.static_range(X):
             G_j = load_G(G, t0, J * SUB, n, H, i_h, G_last, K, SUB)
             k_ja = load_qk(k, rk, t0, J * SUB, n, H, i_h, K, SUB, L2NORM) * tl.exp(G_ax[None, :] - G_j)
-            row_a += e_x * tl.dot(load_tile(dA, t0, r0, n, H, i_h, C, J * SUB, SUB, SUB), k_ja)
-            row_p += e_x * tl.dot(load_tile(dP, t0, r0, n, H, i_h, C, J * SUB, SUB, SUB), k_ja)
+            row_a += e_x * tl.dot(load_tile(dA, t0, r0, n, H, i_h, C, J * SUB, SUB, SUB), k_ja, input_precision=PREC)
+            row_p += e_x * tl.dot(load_tile(dP, t0, r0, n, H, i_h, C, J * SUB, SUB, SUB), k_ja, input_precision=PREC)
         # columns of X against later row blocks I (anchor: I's first row)
         for I in tl.static_range(X + 1, 4):
             G_i = load_G(G, t0, I * SUB, n, H, i_h, G_last, K, SUB)
@@ -229,16 +232,18 @@ def grads_kernel_b(
             k_i = load_qk(k, rk, t0, I * SUB, n, H, i_h, K, SUB, L2NORM) * e_i
             q_i = load_qk(q, rq, t0, I * SUB, n, H, i_h, K, SUB, L2NORM) * e_i
             e_col = tl.exp(G_ai[None, :] - G_x)
-            col_a += e_col * tl.dot(tl.trans(load_tile(dA, t0, I * SUB, n, H, i_h, C, r0, SUB, SUB)), k_i)
-            col_p += e_col * tl.dot(tl.trans(load_tile(dP, t0, I * SUB, n, H, i_h, C, r0, SUB, SUB)), q_i)
+            col_a += e_col * tl.dot(tl.trans(load_tile(dA, t0, I * SUB, n, H, i_h, C, r0, SUB, SUB)), k_i,
+                                    input_precision=PREC)
+            col_p += e_col * tl.dot(tl.trans(load_tile(dP, t0, I * SUB, n, H, i_h, C, r0, SUB, SUB)), q_i,
+                                    input_precision=PREC)
         dA_xx = load_tile(dA, t0, r0, n, H, i_h, C, r0, SUB, SUB)
         dP_xx = load_tile(dP, t0, r0, n, H, i_h, C, r0, SUB, SUB)
         if anchor_safe(G, t0, r0, n, H, i_h, K):
             e_inv = tl.exp(G_ax[None, :] - G_x)
-            row_a += e_x * tl.dot(dA_xx, k_x * e_inv)
-            row_p += e_x * tl.dot(dP_xx, k_x * e_inv)
-            col_a += e_inv * tl.dot(tl.trans(dA_xx), k_x * e_x)
-            col_p += e_inv * tl.dot(tl.trans(dP_xx), q_x * e_x)
+            row_a += e_x * tl.dot(dA_xx, k_x * e_inv, input_precision=PREC)
+            row_p += e_x * tl.dot(dP_xx, k_x * e_inv, input_precision=PREC)
+            col_a += e_inv * tl.dot(tl.trans(dA_xx), k_x * e_x, input_precision=PREC)
+            col_p += e_inv * tl.dot(tl.trans(dP_xx), q_x * e_x, input_precision=PREC)
         else:
             ra, ca = exact_diag_grads(dA_xx, k_x, k_x, G_x, SUB)
             rp, cp = exact_diag_grads(dP_xx, k_x, q_x, G_x, SUB)

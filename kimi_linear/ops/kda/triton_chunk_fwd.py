@@ -108,7 +108,7 @@ def mm(a, b):
 @triton.jit
 def intra_kernel(
     q, k, v, G, beta, rq, rk, W, U, P, M, A, qg, kg, chunk_start, chunk_len, scale, H,
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0 = tl.load(chunk_start + i_c)
@@ -132,8 +132,8 @@ def intra_kernel(
             e_row = tl.where(in_block, tl.exp(tl.where(in_block, G_s - G_a[None, :], 0.0)), 0.0)
             upto = (rows < I * SUB + SUB)[:, None]
             kt = tl.where(upto, k_s * tl.exp(tl.minimum(tl.where(upto, G_a[None, :] - G_s, 0.0), SAFE_DECAY)), 0.0)
-            a += tl.dot(k_s * e_row, tl.trans(kt))
-            p += tl.dot(q_s * e_row, tl.trans(kt))
+            a += tl.dot(k_s * e_row, tl.trans(kt), input_precision=PREC)
+            p += tl.dot(q_s * e_row, tl.trans(kt), input_precision=PREC)
     store_rows(A, tl.where(rows[:, None] > rows[None, :], a, 0.0), t0, 0, n, H, i_h, C, C)
     store_rows(P, tl.where(rows[:, None] >= rows[None, :], p * scale, 0.0), t0, 0, n, H, i_h, C, C)
     tl.debug_barrier()
@@ -194,16 +194,16 @@ def intra_kernel(
     b = load_vec(beta, t0, 0, n, H, i_h, C)[:, None]
     G_c = load_G(G, t0, 0, n, H, i_h, G_last, K, C)
     k_c = load_qk(k, rk, t0, 0, n, H, i_h, K, C, L2NORM)
-    store_rows(W, tl.dot(m, b * tl.exp(G_c) * k_c), t0, 0, n, H, i_h, K, C)
+    store_rows(W, tl.dot(m, b * tl.exp(G_c) * k_c, input_precision=PREC), t0, 0, n, H, i_h, K, C)
     store_rows(kg, tl.exp(G_last[None, :] - G_c) * k_c, t0, 0, n, H, i_h, K, C)
-    store_rows(U, tl.dot(m, b * load_rows(v, t0, 0, n, H, i_h, V, C)), t0, 0, n, H, i_h, V, C)
+    store_rows(U, tl.dot(m, b * load_rows(v, t0, 0, n, H, i_h, V, C), input_precision=PREC), t0, 0, n, H, i_h, V, C)
     store_rows(qg, scale * tl.exp(G_c) * load_qk(q, rq, t0, 0, n, H, i_h, K, C, L2NORM), t0, 0, n, H, i_h, K, C)
 
 
 @triton.jit
 def state_out_step(S, i, bos, eos, c0, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H, K: tl.constexpr,
                    V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, STORE_H: tl.constexpr,
-                   STORE_V: tl.constexpr):
+                   STORE_V: tl.constexpr, PREC: tl.constexpr):
     """Chunk i of one sequence: outputs from the state S ``[K, BV]`` at its start; returns the state at its end."""
     t0 = bos + i * C
     n = tl.minimum(eos - t0, C)
@@ -214,22 +214,22 @@ def state_out_step(S, i, bos, eos, c0, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new
         tl.store(h + ((c0 + i).to(tl.int64) * H + i_h) * K * V + dk[:, None] * V + dv[None, :],
                  S.to(h.dtype.element_ty))
     w = load_tile_native(W, t0, 0, n, H, i_h, K, 0, K, C)
-    vn = load_tile(U, t0, 0, n, H, i_h, V, i_v * BV, BV, C) - tl.dot(w, S.to(cdt))
+    vn = load_tile(U, t0, 0, n, H, i_h, V, i_v * BV, BV, C) - tl.dot(w, S.to(cdt), input_precision=PREC)
     if STORE_V:
         store_tile(v_new, vn, t0, 0, n, H, i_h, V, i_v * BV, BV, C)
-    out = tl.dot(load_tile_native(qg, t0, 0, n, H, i_h, K, 0, K, C), S.to(cdt))
-    out += tl.dot(load_tile_native(P, t0, 0, n, H, i_h, C, 0, C, C), vn.to(cdt))
+    out = tl.dot(load_tile_native(qg, t0, 0, n, H, i_h, K, 0, K, C), S.to(cdt), input_precision=PREC)
+    out += tl.dot(load_tile_native(P, t0, 0, n, H, i_h, C, 0, C, C), vn.to(cdt), input_precision=PREC)
     store_tile(o, out, t0, 0, n, H, i_h, V, i_v * BV, BV, C)
     G_last = load_row(G, t0 + n - 1, H, i_h, K)
     kgt = load_tile_native(kg, t0, 0, n, H, i_h, K, 0, K, C)
-    return S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kgt), vn.to(cdt))
+    return S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(kgt), vn.to(cdt), input_precision=PREC)
 
 
 @triton.jit
 def state_out_kernel(
     W, U, P, qg, kg, G, o, h0, hT, h, v_new, cu_seqlens, chunk_offset, H,
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_H0: tl.constexpr,
-    STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_V: tl.constexpr, PIPELINE: tl.constexpr,
+    STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_V: tl.constexpr, PIPELINE: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program owns the state columns [i_v·BV, (i_v+1)·BV) of one (sequence, head) and walks its chunks."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -248,12 +248,12 @@ def state_out_kernel(
     if PIPELINE:  # compiled: a pipelined loop prefetches the next chunk's tiles
         for i in tl.range(0, n_chunks, num_stages=2):
             S = state_out_step(S, i, bos, eos, c0, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H, K, V, BV, C,
-                               STORE_H, STORE_V)
+                               STORE_H, STORE_V, PREC)
     else:  # the interpreter (numpy >= 2.3) cannot take a run-time trip count in range()
         i = 0
         while i < n_chunks:
             S = state_out_step(S, i, bos, eos, c0, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H, K, V, BV, C,
-                               STORE_H, STORE_V)
+                               STORE_H, STORE_V, PREC)
             i += 1
     if STORE_HT:
         tl.store(hT + state_offs, S)
