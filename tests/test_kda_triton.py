@@ -104,20 +104,44 @@ def test_inference_forward_matches_training_forward(gate):
 def test_packed_sequences_with_an_empty_one():
     lengths = [17, 64, 0, 40, 1]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
-    x = make_inputs(sum(lengths), 2, 16, 32, seed=3, n_state=len(lengths), gate="released")
+    x = make_inputs(sum(lengths), 2, 32, 64, seed=3, n_state=len(lengths), gate="released")
     assert_close(x, seed=3, tol=1e-4 if not CUDA else 5e-3, cu_seqlens=cu, **options("released"))
 
 
 def test_chunk_states_match_torch():
     cu = torch.tensor([0, 70, 90], dtype=torch.int32, device=DEVICE)
-    x = {n: t.detach() for n, t in make_inputs(90, 2, 16, 16, seed=4, n_state=2).items()}
+    x = {n: t.detach() for n, t in make_inputs(90, 2, 32, 32, seed=4, n_state=2).items()}
     _, _, states = chunk_kda_triton(**x, cu_seqlens=cu, output_chunk_states=True)
     _, _, ref = chunk_kda_torch(**x, cu_seqlens=cu, output_chunk_states=True)
-    assert states.shape == ref.shape == (3, 2, 16, 16) and states.dtype == torch.float32
+    assert states.shape == ref.shape == (3, 2, 32, 32) and states.dtype == torch.float32
     assert rel_err(states, ref) <= (1e-5 if not CUDA else 1e-3)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU interpreter set-up")
+def test_unsupported_head_size_is_refused():
+    x = {n: t.detach() for n, t in make_inputs(20, 1, 16, 32, seed=5).items()}
+    with pytest.raises(ValueError, match="K=16"):
+        chunk_kda_triton(**x)
+    assert not kda.triton_chunk.supports(x["q"], x["v"])
+
+
+def test_kernel_launches_pass_only_kernel_parameters():
+    """The interpreter ignores unknown launch keywords; a compiled kernel rejects them (caught here, without a GPU)."""
+    import ast
+    import inspect
+
+    from kimi_linear.ops.kda import triton_chunk, triton_chunk_bwd, triton_chunk_fwd
+
+    kernels = {n: getattr(m, n) for m in (triton_chunk_fwd, triton_chunk_bwd) for n in dir(m)}
+    launches = [node for node in ast.walk(ast.parse(inspect.getsource(triton_chunk)))
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)]
+    assert len(launches) == 6
+    for call in launches:
+        params = kernels[call.func.value.id].arg_names
+        given = [*params[: len(call.args)], *(kw.arg for kw in call.keywords if kw.arg not in ("num_warps",))]
+        assert sorted(given) == sorted(params), call.func.value.id
+
+
 def test_kernels_run_in_the_interpreter():
     """conftest must set TRITON_INTERPRET before the kernels are decorated: triton.jit reads it then."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -130,7 +154,7 @@ def test_kernels_run_in_the_interpreter():
 
 
 def test_backend_switch(monkeypatch):
-    x = {n: t.detach() for n, t in make_inputs(20, 1, 16, 16, seed=5).items()}
+    x = {n: t.detach() for n, t in make_inputs(20, 1, 32, 32, seed=5).items()}
     calls = []
     monkeypatch.setattr("kimi_linear.ops.kda.triton_chunk.chunk_kda_triton",
                         lambda *a, **k: calls.append("triton") or chunk_kda_torch(*a, **k))

@@ -162,7 +162,7 @@ def grads_kernel_a(
     store_rows(dG_part, load_rows(dG_part, t0, 0, n, H, i_h, K, C) + dx_w * (b[:, None] * gam * kn),
                t0, 0, n, H, i_h, K, C)
     db += tl.sum(dx_w * gam * kn, axis=1)
-    dL = -tl.dot(tl.dot(tl.trans(m), dM, input_precision=PREC), tl.trans(m))
+    dL = -tl.dot(tl.dot(tl.trans(m), dM, input_precision=PREC), tl.trans(m), input_precision=PREC)
     dL = tl.where(rows[:, None] > rows[None, :], dL, 0.0)
     db += tl.sum(dL * load_rows(A, t0, 0, n, H, i_h, C, C), axis=1)
     if SIGMOID:

@@ -187,17 +187,23 @@ def intra_kernel(
     for I in tl.static_range(3):
         for J in tl.static_range(I + 1, 4):
             store_block(M, zero, t0, I, J, n, H, i_h, C)
-    # W = M (β Γ K), U = M (β V) as whole-chunk products: read M back (this program just wrote it; the
-    # barrier makes its rows visible to every thread of the program)
+    # W = M (β Γ K), U = M (β V), qg and kg by column slices of BK (whole rows of K would spill registers); M
+    # comes back from memory (this program just wrote it; the barrier makes its rows visible to every thread)
     tl.debug_barrier()
     m = load_rows(M, t0, 0, n, H, i_h, C, C)
     b = load_vec(beta, t0, 0, n, H, i_h, C)[:, None]
-    G_c = load_G(G, t0, 0, n, H, i_h, G_last, K, C)
-    k_c = load_qk(k, rk, t0, 0, n, H, i_h, K, C, L2NORM)
-    store_rows(W, tl.dot(m, b * tl.exp(G_c) * k_c, input_precision=PREC), t0, 0, n, H, i_h, K, C)
-    store_rows(kg, tl.exp(G_last[None, :] - G_c) * k_c, t0, 0, n, H, i_h, K, C)
-    store_rows(U, tl.dot(m, b * load_rows(v, t0, 0, n, H, i_h, V, C), input_precision=PREC), t0, 0, n, H, i_h, V, C)
-    store_rows(qg, scale * tl.exp(G_c) * load_qk(q, rq, t0, 0, n, H, i_h, K, C, L2NORM), t0, 0, n, H, i_h, K, C)
+    for s in tl.static_range(K // BK):
+        G_end = load_row_cols(G, t0 + n - 1, H, i_h, K, s * BK, BK)
+        G_s = load_G_cols(G, t0, 0, n, H, i_h, G_end, K, s * BK, BK, C)
+        k_s = load_qk_cols(k, rk, t0, 0, n, H, i_h, K, s * BK, BK, C, L2NORM)
+        gamma = tl.exp(G_s)
+        store_tile(W, tl.dot(m, b * gamma * k_s, input_precision=PREC), t0, 0, n, H, i_h, K, s * BK, BK, C)
+        store_tile(kg, tl.exp(G_end[None, :] - G_s) * k_s, t0, 0, n, H, i_h, K, s * BK, BK, C)
+        q_s = load_qk_cols(q, rq, t0, 0, n, H, i_h, K, s * BK, BK, C, L2NORM)
+        store_tile(qg, scale * gamma * q_s, t0, 0, n, H, i_h, K, s * BK, BK, C)
+    for s in tl.static_range(V // BK):
+        u = tl.dot(m, b * load_tile(v, t0, 0, n, H, i_h, V, s * BK, BK, C), input_precision=PREC)
+        store_tile(U, u, t0, 0, n, H, i_h, V, s * BK, BK, C)
 
 
 @triton.jit
