@@ -125,10 +125,10 @@ def run(shapes=SHAPES, results_dir: str | Path | None = "benchmarks/results",
             row["fwd_bwd_ratio_vs_fla"] = round(row["ours_fwd_bwd_ms"] / row["fla_fwd_bwd_ms"], 3)
         rows.append(row)
         print(table(rows[-1:]), flush=True)
+        if results_dir is not None:  # after every shape: a run cut short still leaves its rows
+            write(Path(results_dir), rows)
         del x
         torch.cuda.empty_cache()
-    if results_dir is not None:
-        write(Path(results_dir), rows)
     return rows
 
 
