@@ -226,3 +226,5 @@ def test_bad_inputs_raise():
         chunk_kda(**x, A_log=torch.zeros(2))  # no dt_bias
     with pytest.raises(ValueError):
         chunk_kda(**x, lower_bound=-5.0)  # bounded gate without A_log
+    with pytest.raises(ValueError, match="dt_bias H \\* K = 32"):
+        chunk_kda(**x, A_log=torch.zeros(2), dt_bias=torch.zeros(16))

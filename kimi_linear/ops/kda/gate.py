@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kimi_linear.ops.kda.validate import check_gate_options
+
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(sum(x^2) + eps)`` over the last dim, in fp32 (the convention of the released model)."""
@@ -46,12 +48,9 @@ def prepare_kda_inputs(
     use_beta_sigmoid_in_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Apply the optional fused pre-processing of the ``chunk_kda`` contract in PyTorch."""
+    check_gate_options(A_log, dt_bias, lower_bound, *g.shape[-2:])
     if A_log is not None:
-        if dt_bias is None:
-            raise ValueError("A_log was given without dt_bias: the in-kernel gate needs both")
         g = kda_gate(g, A_log, dt_bias, lower_bound)
-    elif lower_bound is not None:
-        raise ValueError("lower_bound applies to the in-kernel gate only: pass A_log and dt_bias too")
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q).to(q.dtype), l2norm(k).to(k.dtype)
     if use_beta_sigmoid_in_kernel:

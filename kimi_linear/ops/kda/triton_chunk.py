@@ -20,7 +20,7 @@ import triton
 from kimi_linear.ops.kda.triton_chunk_bwd import grads_kernel_a, grads_kernel_b, state_bwd_kernel
 from kimi_linear.ops.kda.triton_chunk_fwd import intra_kernel, prep_kernel, state_out_kernel
 from kimi_linear.ops.kda.triton_common import CHUNK
-from kimi_linear.ops.kda.validate import check_kda_inputs
+from kimi_linear.ops.kda.validate import check_gate_options, check_kda_inputs
 
 
 def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -245,10 +245,7 @@ def chunk_kda_triton(
             f"the Triton chunk kernels take head sizes that are powers of two from 32 to 256 and bf16/fp16/fp32 "
             f"inputs, got K={q.shape[-1]}, V={v.shape[-1]}, {q.dtype}; use the PyTorch path (chunk_kda_torch)"
         )
-    if A_log is not None and dt_bias is None:
-        raise ValueError("A_log was given without dt_bias: the in-kernel gate needs both")
-    if A_log is None and lower_bound is not None:
-        raise ValueError("lower_bound applies to the in-kernel gate only: pass A_log and dt_bias too")
+    check_gate_options(A_log, dt_bias, lower_bound, *q.shape[-2:])
     K = q.shape[-1]
     scale = K**-0.5 if scale is None else float(scale)
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))

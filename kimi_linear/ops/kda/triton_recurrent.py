@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kimi_linear.ops.kda.validate import check_gate_options
+
 # Gate modes of the kernel (a constexpr): g is already the log-decay, the released softplus gate, or the
 # bounded sigmoid gate.
 _GATE_NONE, _GATE_SOFTPLUS, _GATE_BOUNDED = 0, 1, 2
@@ -159,16 +161,10 @@ def fused_recurrent_kda_triton(
     if state_indices.shape != (N,) or state_indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"state_indices must be int32/int64 [N = {N}], got {state_indices.dtype} "
                          f"{tuple(state_indices.shape)}")
+    check_gate_options(A_log, dt_bias, lower_bound, H, K)
     if A_log is None:
-        if lower_bound is not None:
-            raise ValueError("lower_bound applies to the in-kernel gate only: pass A_log and dt_bias too")
         gate = _GATE_NONE
     else:
-        if dt_bias is None:
-            raise ValueError("A_log was given without dt_bias: the in-kernel gate needs both")
-        if A_log.numel() != H or dt_bias.numel() != H * K:
-            raise ValueError(f"A_log must have H = {H} elements and dt_bias H * K = {H * K}, got "
-                             f"{A_log.numel()} and {dt_bias.numel()}")
         gate = _GATE_SOFTPLUS if lower_bound is None else _GATE_BOUNDED
         A_log, dt_bias = A_log.contiguous(), dt_bias.contiguous()
     (q, s_q), (k, s_k), (v, s_v), (g, s_g), (beta, s_beta) = (_token_rows(x) for x in (q, k, v, g, beta))
