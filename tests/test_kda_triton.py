@@ -168,6 +168,10 @@ def test_backend_switch(monkeypatch):
     calls.clear()
     kda.chunk_kda(**x)
     assert calls == []
+    # a shape the kernels do not take stays on the PyTorch path even when the kernels are forced
+    kda.set_backend("triton")
+    kda.chunk_kda(**{n: t.detach() for n, t in make_inputs(20, 1, 16, 32, seed=5).items()})
+    assert calls == []
     with pytest.raises(ValueError):
         kda.set_backend("cuda")
 

@@ -37,11 +37,11 @@ __all__ = ["chunk_kda", "chunk_kda_torch", "fused_recurrent_kda", "naive_recurre
 
 
 def _use_triton(q: torch.Tensor, v: torch.Tensor) -> bool:
-    if not q.is_cuda:
-        return use_kernel(q)
+    if not use_kernel(q):  # decided before the import: a CPU-only install may have no Triton
+        return False
     from kimi_linear.ops.kda import triton_chunk
 
-    return use_kernel(q, supported=triton_chunk.supports(q, v))
+    return triton_chunk.supports(q, v)
 
 
 def chunk_kda(

@@ -19,11 +19,11 @@ from kimi_linear.ops.kda.naive import naive_recurrent_kda
 
 
 def _use_triton(q: torch.Tensor, v: torch.Tensor) -> bool:
-    if not q.is_cuda:
-        return use_kernel(q)
+    if not use_kernel(q):  # decided before the import: a CPU-only install may have no Triton
+        return False
     from kimi_linear.ops.kda import triton_recurrent
 
-    return use_kernel(q, supported=triton_recurrent.supports(q, v))
+    return triton_recurrent.supports(q, v)
 
 
 @torch.no_grad()
