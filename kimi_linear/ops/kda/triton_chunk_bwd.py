@@ -25,9 +25,11 @@ from kimi_linear.ops.kda.triton_common import (
     load_qk,
     load_row,
     load_rows,
+    load_state_or_zeros,
     load_tile,
     load_tile_native,
     load_vec,
+    state_program,
     store_rows,
     store_tile,
     store_vec,
@@ -62,19 +64,8 @@ def state_bwd_kernel(
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_DHT: tl.constexpr,
     PIPELINE: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
-    c0 = tl.load(chunk_offset + i_n)
-    dk = tl.arange(0, K)
-    dv = i_v * BV + tl.arange(0, BV)
-    state_offs = (i_nh.to(tl.int64) * K + dk[:, None]) * V + dv[None, :]
-    if HAS_DHT:
-        dS = tl.load(dhT + state_offs).to(tl.float32)
-    else:
-        dS = tl.zeros([K, BV], dtype=tl.float32)
-    n_chunks = tl.cdiv(eos - bos, C)
+    i_v, i_h, bos, eos, c0, n_chunks, state_offs = state_program(cu_seqlens, chunk_offset, H, K, V, BV, C)
+    dS = load_state_or_zeros(dhT, state_offs, HAS_DHT, K, BV)
     if PIPELINE:  # see state_out_kernel
         for i in tl.range(0, n_chunks, num_stages=2):
             dS = state_bwd_step(dS, n_chunks - 1 - i, bos, eos, c0, i_v, i_h, do, P, qg, kg, W, G, dh, dv_new, H,

@@ -31,9 +31,11 @@ from kimi_linear.ops.kda.triton_common import (
     load_row,
     load_row_cols,
     load_rows,
+    load_state_or_zeros,
     load_tile,
     load_tile_native,
     load_vec,
+    state_program,
     store_rows,
     store_tile,
     store_vec,
@@ -238,19 +240,8 @@ def state_out_kernel(
     STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_V: tl.constexpr, PIPELINE: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program owns the state columns [i_v·BV, (i_v+1)·BV) of one (sequence, head) and walks its chunks."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
-    c0 = tl.load(chunk_offset + i_n)
-    dk = tl.arange(0, K)
-    dv = i_v * BV + tl.arange(0, BV)
-    state_offs = (i_nh.to(tl.int64) * K + dk[:, None]) * V + dv[None, :]
-    if HAS_H0:
-        S = tl.load(h0 + state_offs).to(tl.float32)
-    else:
-        S = tl.zeros([K, BV], dtype=tl.float32)
-    n_chunks = tl.cdiv(eos - bos, C)
+    i_v, i_h, bos, eos, c0, n_chunks, state_offs = state_program(cu_seqlens, chunk_offset, H, K, V, BV, C)
+    S = load_state_or_zeros(h0, state_offs, HAS_H0, K, BV)
     if PIPELINE:  # compiled: a pipelined loop prefetches the next chunk's tiles
         for i in tl.range(0, n_chunks, num_stages=2):
             S = state_out_step(S, i, bos, eos, c0, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H, K, V, BV, C,

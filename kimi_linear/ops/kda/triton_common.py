@@ -157,6 +157,28 @@ def exact_diag_scores(x, k, G, INCLUDE_DIAG: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
+def state_program(cu_seqlens, chunk_offset, H, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr):
+    """What one program of the sequential (state) kernels owns: the state columns [i_v·BV, (i_v+1)·BV) of one
+    (sequence, head). Returns i_v, the head, the sequence's first and end tokens, the global index of its
+    first chunk, its number of chunks, and the offsets of the owned ``[K, BV]`` block in a ``[N, H, K, V]``
+    tensor."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n = i_nh // H
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    offs = (i_nh.to(tl.int64) * K + tl.arange(0, K)[:, None]) * V + i_v * BV + tl.arange(0, BV)[None, :]
+    return i_v, i_nh % H, bos, eos, tl.load(chunk_offset + i_n), tl.cdiv(eos - bos, C), offs
+
+
+@triton.jit
+def load_state_or_zeros(ptr, offs, GIVEN: tl.constexpr, K: tl.constexpr, BV: tl.constexpr):
+    """A ``[K, BV]`` fp32 state block (see :func:`state_program`), or zeros when GIVEN is false."""
+    if GIVEN:
+        return tl.load(ptr + offs).to(tl.float32)
+    return tl.zeros([K, BV], dtype=tl.float32)
+
+
+@triton.jit
 def first_row(x, R: tl.constexpr):
     """Row 0 of an ``[R, D]`` tile, as a ``[D]`` vector."""
     return tl.sum(tl.where((tl.arange(0, R) == 0)[:, None], x, 0.0), axis=0)
