@@ -68,14 +68,16 @@ def forward_backward(fn, x, seed, **kw):
     return o, final, dict(zip(x, grads))
 
 
-def assert_close(x, seed, tol, **kw):
-    """Triton vs the PyTorch chunk path run in fp64 (so the tolerance measures the kernels' own error)."""
+def assert_close(x, seed, tol, tol_for=None, **kw):
+    """Triton vs the PyTorch chunk path run in fp64 (so the tolerance measures the kernels' own error);
+    ``tol_for`` overrides the tolerance of named results."""
     o, f, grads = forward_backward(chunk_kda_triton, x, seed, **kw)
     ref = {n: t.detach().double().requires_grad_() for n, t in x.items()}
     o_r, f_r, grads_r = forward_backward(chunk_kda_torch, ref, seed, **kw)
     errors = {"o": rel_err(o, o_r), "final_state": rel_err(f, f_r)}
     errors.update({f"d{n}": rel_err(grads[n], grads_r[n]) for n in x})
-    assert all(e <= tol for e in errors.values()), {n: e for n, e in errors.items() if not e <= tol}
+    bad = {n: e for n, e in errors.items() if not e <= (tol_for or {}).get(n, tol)}
+    assert not bad, bad
     return errors
 
 
@@ -88,6 +90,17 @@ def test_matches_torch_chunk(T, gate):
     # chunk path in fp32 is off from fp64 by as much): dA_log, a sum with cancellation, feels it most
     tol = 5e-4 if gate == "steep" else 1e-4
     assert_close(x, seed=T, tol=tol if not CUDA else 5e-3, **options(gate))
+
+
+@pytest.mark.parametrize("K,V,gate", [(128, 64, "bounded"), (128, 32, "steep"), (64, 128, "released")])
+def test_wide_heads_match_torch_chunk(K, V, gate):
+    """Head sizes above 64 take the kernels' sliced paths (K split across programs, W/U/V in 64-column slices)."""
+    x = make_inputs(50, 1, K, V, seed=K + V, gate=gate)
+    # one head: dA_log is a single sum whose terms cancel ~200-fold here (sum |terms| / |sum|), which turns
+    # dg's ~3e-6 fp32 error into ~5e-4 (the old single-program kernel gave the same numbers)
+    tol_for = {"dA_log": 5e-3} if gate != "released" else None
+    tol = 5e-4 if gate == "steep" else 1e-4
+    assert_close(x, seed=K + V, tol=tol if not CUDA else 5e-3, tol_for=tol_for, **options(gate))
 
 
 @pytest.mark.parametrize("gate", ["bounded", "steep"])
@@ -134,7 +147,7 @@ def test_kernel_launches_pass_only_kernel_parameters():
     kernels = {n: getattr(m, n) for m in (triton_chunk_fwd, triton_chunk_bwd) for n in dir(m)}
     launches = [node for node in ast.walk(ast.parse(inspect.getsource(triton_chunk)))
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)]
-    assert len(launches) == 6
+    assert len(launches) == 7
     for call in launches:
         params = kernels[call.func.value.id].arg_names
         given = [*params[: len(call.args)], *(kw.arg for kw in call.keywords if kw.arg not in ("num_warps",))]

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kimi_linear.ops.kda.triton_chunk_bwd import grads_kernel_a, grads_kernel_b, state_bwd_kernel
+from kimi_linear.ops.kda.triton_chunk_bwd import (
+    grads_kernel_a,
+    grads_kernel_b,
+    prep_bwd_kernel,
+    state_bwd_kernel,
+)
 from kimi_linear.ops.kda.triton_chunk_fwd import intra_kernel, prep_kernel, state_out_kernel
 from kimi_linear.ops.kda.triton_common import CHUNK
 from kimi_linear.ops.kda.validate import check_gate_options, check_kda_inputs
@@ -190,7 +195,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
         K=K, V=V, BV=BV, C=CHUNK, HAS_DHT=dfinal is not None, PIPELINE=not _interpreting(),
         num_warps=4 if BV < 64 else 8, PREC=_precision(cdt),
     )
-    # 2. per chunk: everything that needs whole rows of K and V
+    # 2. per chunk: the gradients through the state, the output's intra-chunk part and the UT transform
     dA = torch.empty(T, H, CHUNK, **f32)
     dP = torch.empty(T, H, CHUNK, **f32)
     dq_part, dk_part, dG_part = (torch.empty(T, H, K, **f32) for _ in range(3))
@@ -201,19 +206,26 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
     grads_kernel_a[grid](
         q, k, v, rq, rk, G, saved["beta_f"], saved["M"], saved["A"], saved["h"], saved["v_new"], do, dh,
         dv_new, dA, dP, dq_part, dk_part, dG_part, dG_last, dbeta, dv, chunks.start, chunks.length, scale, H,
-        K=K, V=V, BV=min(V, 64), C=CHUNK, L2NORM=l2norm, SIGMOID=sigmoid, num_warps=8, PREC=_precision(cdt),
+        K=K, V=V, BK=min(K, 64), BV=min(V, 64), C=CHUNK, L2NORM=l2norm, SIGMOID=sigmoid, PREC=_precision(cdt),
+        num_warps=8,  # H100, 1 x 65536: 10.1 ms; 10.2-12.9 ms for BK, BV in {32, 64}, 13-20 ms at 4 warps
     )
-    # 3. per chunk: the decayed-score gradients, the reverse cumsum into g, and the fused pre-processing
+    # 3. per 16-row block and slice of K: the gradients through the decayed scores, into the partials
+    BK = min(K, 64)
+    grads_kernel_b[(chunks.count * 4 * (K // BK), H)](
+        q, k, rq, rk, G, dA, dP, dq_part, dk_part, dG_part, chunks.start, chunks.length, scale, H,
+        K=K, BK=BK, C=CHUNK, L2NORM=l2norm, PREC=_precision(cdt),
+        num_warps=2,  # H100, 1 x 65536: 8.3 ms at BK = 64 and 2 warps; 10.6-21.6 ms at BK 32-128, 4-8 warps
+    )
+    # 4. per chunk: the backward of the pre-processing (cumsum, gate, L2 norm)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dg = torch.empty_like(g)
     dA_log_part = torch.empty(chunks.count, H, **f32) if has_gate else None
     ddt_part = torch.empty(chunks.count, H, K, **f32) if has_gate else None
-    grads_kernel_b[grid](
-        q, k, g, rq, rk, G, A_log if has_gate else G, dt_bias if has_gate else G, dA, dP, dq_part, dk_part,
-        dG_part, dG_last, dq, dk, dg, dA_log_part if has_gate else G, ddt_part if has_gate else G,
-        chunks.start, chunks.length, float(lower_bound or 0.0), scale, H,
-        K=K, C=CHUNK, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, L2NORM=l2norm, PREC=_precision(cdt),
-        num_warps=4,  # H100, 1 x 65536: 21.3 ms at 4 warps, 23.5 ms at 8
+    prep_bwd_kernel[grid](
+        q, k, g, rq, rk, A_log if has_gate else G, dt_bias if has_gate else G, dq_part, dk_part, dG_part, dG_last,
+        dq, dk, dg, dA_log_part if has_gate else G, ddt_part if has_gate else G, chunks.start, chunks.length,
+        float(lower_bound or 0.0), H, K=K, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, L2NORM=l2norm,
+        num_warps=2,
     )
     dA_log = dA_log_part.sum(0).view_as(A_log) if has_gate else None
     ddt_bias = ddt_part.sum(0).view_as(dt_bias) if has_gate else None

@@ -140,7 +140,7 @@ def intra_kernel(
     store_rows(P, tl.where(rows[:, None] >= rows[None, :], p * scale, 0.0), t0, 0, n, H, i_h, C, C)
     tl.debug_barrier()
     for I in tl.static_range(4):
-        if not anchor_safe(G, t0, I * SUB, n, H, i_h, K):
+        if not anchor_safe(G, t0, I * SUB, n, H, i_h, K, 0, K):
             a_ii = exact_diag_block(k, rk, k, G, rk, t0, n, H, i_h, G_last, I, K, True, L2NORM)
             p_ii = exact_diag_block(q, rq, k, G, rk, t0, n, H, i_h, G_last, I, K, False, L2NORM)
             store_block(A, a_ii, t0, I, I, n, H, i_h, C)

@@ -126,13 +126,14 @@ def gate_fwd(f, a, dt, lower_bound, BOUNDED: tl.constexpr):
 
 
 @triton.jit
-def anchor_safe(G, t0, r0, n, H, i_h, K: tl.constexpr):
-    """Whether the 16-row block starting at row r0 may use an anchored product on its own diagonal block:
-    its decay from first to last row stays under e^SAFE_DECAY in every channel, so exp(G_first - G_j) (and
-    the gradients it multiplies) stay inside fp32 (e^88). Checked at run time for every gate (a gate bounded
-    at -5 a step always passes: 15 steps give at most 75); steeper blocks use exact pairwise exponentials."""
-    first = load_row(G, t0 + tl.minimum(r0, n - 1), H, i_h, K)
-    last = load_row(G, t0 + tl.minimum(r0 + SUB - 1, n - 1), H, i_h, K)
+def anchor_safe(G, t0, r0, n, H, i_h, K: tl.constexpr, c0, D: tl.constexpr):
+    """Whether the 16-row block starting at row r0 may use an anchored product on its own diagonal block, in
+    channels c0 .. c0+D-1: its decay from first to last row stays under e^SAFE_DECAY in each, so
+    exp(G_first - G_j) (and the gradients it multiplies) stay inside fp32 (e^88). Checked at run time for every
+    gate (a gate bounded at -5 a step always passes: 15 steps give at most 75); steeper blocks use exact
+    pairwise exponentials."""
+    first = load_row_cols(G, t0 + tl.minimum(r0, n - 1), H, i_h, K, c0, D)
+    last = load_row_cols(G, t0 + tl.minimum(r0 + SUB - 1, n - 1), H, i_h, K, c0, D)
     return tl.max(first - last, axis=0) < SAFE_DECAY
 
 
