@@ -150,7 +150,7 @@ def test_kernel_launches_pass_only_kernel_parameters():
     assert len(launches) == 7
     for call in launches:
         params = kernels[call.func.value.id].arg_names
-        given = [*params[: len(call.args)], *(kw.arg for kw in call.keywords if kw.arg not in ("num_warps",))]
+        given = [*params[: len(call.args)], *(kw.arg for kw in call.keywords if kw.arg not in ("num_warps", "num_stages"))]
         assert sorted(given) == sorted(params), call.func.value.id
 
 

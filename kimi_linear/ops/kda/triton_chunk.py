@@ -208,6 +208,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
         dv_new, dA, dP, dq_part, dk_part, dG_part, dG_last, dbeta, dv, chunks.start, chunks.length, scale, H,
         K=K, V=V, BK=min(K, 64), BV=min(V, 64), C=CHUNK, L2NORM=l2norm, SIGMOID=sigmoid, PREC=_precision(cdt),
         num_warps=8,  # H100, 1 x 65536: 10.1 ms; 10.2-12.9 ms for BK, BV in {32, 64}, 13-20 ms at 4 warps
+        num_stages=2,  # 3 needs 289 KB of shared memory at fp32, K = 128, V = 64 (bf16 uses 96 KB either way)
     )
     # 3. per 16-row block and slice of K: the gradients through the decayed scores, into the partials
     BK = min(K, 64)
