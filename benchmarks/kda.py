@@ -106,7 +106,7 @@ def agreement(x: dict) -> float:
 
 
 def run(shapes=SHAPES, results_dir: str | Path | None = "benchmarks/results",
-        names: tuple[str, ...] = ("ours", "ours_released", "fla", "sdpa")) -> list[dict]:
+        names: tuple[str, ...] = ("ours", "ours_released", "fla", "sdpa"), append: bool = False) -> list[dict]:
     have_fla = _fla_version() is not None
     every = {"ours": ours, "ours_released": lambda x: ours(x, None), "sdpa": sdpa, "fla": fla}
     impls = {n: every[n] for n in names if n != "fla" or have_fla}
@@ -126,7 +126,7 @@ def run(shapes=SHAPES, results_dir: str | Path | None = "benchmarks/results",
         rows.append(row)
         print(table(rows[-1:]), flush=True)
         if results_dir is not None:  # after every shape: a run cut short still leaves its rows
-            write(Path(results_dir), rows)
+            write(Path(results_dir), rows, append)
         del x
         torch.cuda.empty_cache()
     return rows
@@ -145,10 +145,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write(results_dir: Path, rows: list[dict]) -> None:
+def write(results_dir: Path, rows: list[dict], append: bool = False) -> None:
+    """Write kda.json / kda.md. With ``append``, rows of other shapes already there stay, if they were measured
+    on the same device with the same versions (one run per shape, when a whole run would take too long)."""
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 fla=_fla_version(), command="python " + " ".join(sys.argv),
                 ceilings=dict(matmul_TFLOPs=MATMUL_TFLOPS, copy_TBps=COPY_TBPS))
+    old = results_dir / "kda.json"
+    if append and old.exists():
+        before = json.loads(old.read_text())
+        same = all(before["meta"].get(key) == meta[key] for key in ("device", "torch", "triton", "fla"))
+        if not same:
+            raise SystemExit(f"--append: {old} was measured with {before['meta']}, this run is {meta}")
+        shapes = {(r["B"], r["T"]) for r in rows}
+        rows = [r for r in before["rows"] if (r["B"], r["T"]) not in shapes] + rows
+        previous = before["meta"]["command"]
+        meta["command"] = "; ".join(dict.fromkeys([*previous.split("; "), meta["command"]]))
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "kda.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     header = [f"# chunk KDA, bf16, H = {H}, K = V = {D}", "",
@@ -180,11 +192,13 @@ def main() -> None:
     parser.add_argument("--no-decode", action="store_true", help="skip benchmarks/kda_decode.py")
     parser.add_argument("--profile", action="store_true", help="per-kernel times of one fwd+bwd at the first shape")
     parser.add_argument("--impls", default="ours,ours_released,fla,sdpa", help="which implementations to time")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the other shapes' rows of an earlier run (same device and versions)")
     args = parser.parse_args()
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     if args.profile:
         profile(*shapes[0])
-    rows = run(shapes, args.results_dir, tuple(args.impls.split(",")))
+    rows = run(shapes, args.results_dir, tuple(args.impls.split(",")), args.append)
     print(table(rows))
     if not args.no_decode:
         try:

@@ -117,27 +117,28 @@ def intra_kernel(
     n = tl.load(chunk_len + i_c)
     rows = tl.arange(0, C)
     G_last = load_row(G, t0 + n - 1, H, i_h, K)
-    # A (k·k) and Aqk (q·k) as whole-chunk products, one per anchor and K slice: rows of block I are scaled
-    # by exp(G_i - G_a), columns up to the block's end by exp(G_a - G_j), G_a the block's first row, so no
+    # A (k·k) and Aqk (q·k), one 16-row block I at a time against the whole chunk, per K slice: the block's
+    # rows are scaled by exp(G_i - G_a), the columns up to its end by exp(G_a - G_j), G_a its first row, so no
     # row sees a later anchor. Columns before the block give factors <= 1; on the diagonal block the factor
     # is capped at e^SAFE_DECAY (finite), and blocks whose decay exceeds that are redone exactly below.
-    a = tl.zeros([C, C], dtype=tl.float32)
-    p = tl.zeros([C, C], dtype=tl.float32)
-    for kk in tl.static_range(K // BK):
-        G_s = load_G_cols(G, t0, 0, n, H, i_h, load_row_cols(G, t0 + n - 1, H, i_h, K, kk * BK, BK), K, kk * BK,
-                          BK, C)
-        k_s = load_qk_cols(k, rk, t0, 0, n, H, i_h, K, kk * BK, BK, C, L2NORM)
-        q_s = load_qk_cols(q, rq, t0, 0, n, H, i_h, K, kk * BK, BK, C, L2NORM)
-        for I in tl.static_range(4):
+    for I in tl.static_range(4):
+        a = tl.zeros([SUB, C], dtype=tl.float32)
+        p = tl.zeros([SUB, C], dtype=tl.float32)
+        upto = (rows < I * SUB + SUB)[:, None]
+        for kk in tl.static_range(K // BK):
+            G_end = load_row_cols(G, t0 + n - 1, H, i_h, K, kk * BK, BK)
             G_a = load_row_cols(G, t0 + tl.minimum(I * SUB, n - 1), H, i_h, K, kk * BK, BK)
-            in_block = ((rows >= I * SUB) & (rows < I * SUB + SUB))[:, None]
-            e_row = tl.where(in_block, tl.exp(tl.where(in_block, G_s - G_a[None, :], 0.0)), 0.0)
-            upto = (rows < I * SUB + SUB)[:, None]
+            e_row = tl.exp(load_G_cols(G, t0, I * SUB, n, H, i_h, G_end, K, kk * BK, BK, SUB) - G_a[None, :])
+            G_s = load_G_cols(G, t0, 0, n, H, i_h, G_end, K, kk * BK, BK, C)
+            k_s = load_qk_cols(k, rk, t0, 0, n, H, i_h, K, kk * BK, BK, C, L2NORM)
             kt = tl.where(upto, k_s * tl.exp(tl.minimum(tl.where(upto, G_a[None, :] - G_s, 0.0), SAFE_DECAY)), 0.0)
-            a += tl.dot(k_s * e_row, tl.trans(kt), input_precision=PREC)
-            p += tl.dot(q_s * e_row, tl.trans(kt), input_precision=PREC)
-    store_rows(A, tl.where(rows[:, None] > rows[None, :], a, 0.0), t0, 0, n, H, i_h, C, C)
-    store_rows(P, tl.where(rows[:, None] >= rows[None, :], p * scale, 0.0), t0, 0, n, H, i_h, C, C)
+            k_r = load_qk_cols(k, rk, t0, I * SUB, n, H, i_h, K, kk * BK, BK, SUB, L2NORM)
+            q_r = load_qk_cols(q, rq, t0, I * SUB, n, H, i_h, K, kk * BK, BK, SUB, L2NORM)
+            a += tl.dot(k_r * e_row, tl.trans(kt), input_precision=PREC)
+            p += tl.dot(q_r * e_row, tl.trans(kt), input_precision=PREC)
+        r = I * SUB + tl.arange(0, SUB)
+        store_tile(A, tl.where(r[:, None] > rows[None, :], a, 0.0), t0, I * SUB, n, H, i_h, C, 0, C, SUB)
+        store_tile(P, tl.where(r[:, None] >= rows[None, :], p * scale, 0.0), t0, I * SUB, n, H, i_h, C, 0, C, SUB)
     tl.debug_barrier()
     for I in tl.static_range(4):
         if not anchor_safe(G, t0, I * SUB, n, H, i_h, K, 0, K):
