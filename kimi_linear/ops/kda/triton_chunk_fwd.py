@@ -1,12 +1,13 @@
-"""Triton kernels of the chunk-KDA forward pass (kda.md §2), three launches:
+"""Triton kernels of the chunk-KDA forward pass (kda.md §2), four launches:
 
 1. :func:`prep_kernel` (chunk-parallel): gate activation, in-chunk cumsum G (fp32), beta sigmoid, and the q/k
    L2-norm factors.
-2. :func:`intra_kernel` (chunk-parallel): the 64×64 decayed scores A (k·k) and P = scale·Aqk as whole-chunk
-   products, one per 16-row block anchored at that block's first row (never a later token), with exact
-   pairwise exponentials for diagonal blocks whose decay is too steep; ``M = (I + diag(β) A)^-1`` by 16×16
-   blocks; ``W = M (β Γ K)``, ``U = M (β V)``; and the decayed ``qg = scale Q Γ``, ``kg = K exp(G_last - G)``.
-3. :func:`state_out_kernel` (sequential over a sequence's chunks, parallel over sequences × heads × V
+2. :func:`scores_kernel` (one program per 16-row block): that block's rows of the 64×64 decayed scores
+   A (k·k) and P = scale·Aqk, anchored at the block's first row (never a later token), with exact pairwise
+   exponentials on a diagonal block whose decay is too steep.
+3. :func:`intra_kernel` (chunk-parallel): ``M = (I + diag(β) A)^-1`` by 16×16 blocks; ``W = M (β Γ K)``,
+   ``U = M (β V)``; and the decayed ``qg = scale Q Γ``, ``kg = K exp(G_last - G)``.
+4. :func:`state_out_kernel` (sequential over a sequence's chunks, parallel over sequences × heads × V
    blocks): ``V' = U - W S``, ``O = qg S + P V'``, ``S <- exp(G_last) S + kg^T V'``; optionally stores the
    state at every chunk start and V' (both needed by the backward pass).
 
@@ -70,7 +71,7 @@ def prep_kernel(
 
 
 @triton.jit
-def store_block(ptr, x, t0, I: tl.constexpr, J: tl.constexpr, n, H, i_h, C: tl.constexpr):
+def store_block(ptr, x, t0, I, J, n, H, i_h, C: tl.constexpr):
     """Store the 16×16 block (I, J) of a per-chunk C×C matrix kept as ``[T, H, C]`` rows."""
     r = I * SUB + tl.arange(0, SUB)
     c = J * SUB + tl.arange(0, SUB)
@@ -79,7 +80,7 @@ def store_block(ptr, x, t0, I: tl.constexpr, J: tl.constexpr, n, H, i_h, C: tl.c
 
 
 @triton.jit
-def exact_diag_block(x, rx, k, G, rk, t0, n, H, i_h, G_last, I: tl.constexpr, K: tl.constexpr,
+def exact_diag_block(x, rx, k, G, rk, t0, n, H, i_h, G_last, I, K: tl.constexpr,
                      STRICT: tl.constexpr, L2NORM: tl.constexpr):
     """Diagonal block I of ``sum_d x_id k_jd exp(G_id - G_jd)`` from exact pairwise exponentials."""
     G_i = load_G(G, t0, I * SUB, n, H, i_h, G_last, K, SUB)
@@ -108,46 +109,54 @@ def mm(a, b):
 
 
 @triton.jit
-def intra_kernel(
-    q, k, v, G, beta, rq, rk, W, U, P, M, A, qg, kg, chunk_start, chunk_len, scale, H,
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr,
+def scores_kernel(
+    q, k, G, rq, rk, P, A, chunk_start, chunk_len, scale, H,
+    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    """One program per (chunk, 16-row block I): rows I of A (k·k, strictly lower) and P (scale·q·k, lower).
+    The block's rows are scaled by exp(G_i - G_a), the columns up to its end by exp(G_a - G_j), G_a its first
+    row, so no row sees a later anchor. Columns before the block give factors <= 1; on the diagonal block the
+    factor is capped at e^SAFE_DECAY (finite), and a block whose decay exceeds that is redone exactly."""
+    i_c, I, i_h = tl.program_id(0) // 4, tl.program_id(0) % 4, tl.program_id(1)
     t0 = tl.load(chunk_start + i_c)
     n = tl.load(chunk_len + i_c)
     rows = tl.arange(0, C)
-    G_last = load_row(G, t0 + n - 1, H, i_h, K)
-    # A (k·k) and Aqk (q·k), one 16-row block I at a time against the whole chunk, per K slice: the block's
-    # rows are scaled by exp(G_i - G_a), the columns up to its end by exp(G_a - G_j), G_a its first row, so no
-    # row sees a later anchor. Columns before the block give factors <= 1; on the diagonal block the factor
-    # is capped at e^SAFE_DECAY (finite), and blocks whose decay exceeds that are redone exactly below.
-    for I in tl.static_range(4):
-        a = tl.zeros([SUB, C], dtype=tl.float32)
-        p = tl.zeros([SUB, C], dtype=tl.float32)
-        upto = (rows < I * SUB + SUB)[:, None]
-        for kk in tl.static_range(K // BK):
-            G_end = load_row_cols(G, t0 + n - 1, H, i_h, K, kk * BK, BK)
-            G_a = load_row_cols(G, t0 + tl.minimum(I * SUB, n - 1), H, i_h, K, kk * BK, BK)
-            e_row = tl.exp(load_G_cols(G, t0, I * SUB, n, H, i_h, G_end, K, kk * BK, BK, SUB) - G_a[None, :])
-            G_s = load_G_cols(G, t0, 0, n, H, i_h, G_end, K, kk * BK, BK, C)
-            k_s = load_qk_cols(k, rk, t0, 0, n, H, i_h, K, kk * BK, BK, C, L2NORM)
-            kt = tl.where(upto, k_s * tl.exp(tl.minimum(tl.where(upto, G_a[None, :] - G_s, 0.0), SAFE_DECAY)), 0.0)
-            k_r = load_qk_cols(k, rk, t0, I * SUB, n, H, i_h, K, kk * BK, BK, SUB, L2NORM)
-            q_r = load_qk_cols(q, rq, t0, I * SUB, n, H, i_h, K, kk * BK, BK, SUB, L2NORM)
-            a += tl.dot(k_r * e_row, tl.trans(kt), input_precision=PREC)
-            p += tl.dot(q_r * e_row, tl.trans(kt), input_precision=PREC)
-        r = I * SUB + tl.arange(0, SUB)
-        store_tile(A, tl.where(r[:, None] > rows[None, :], a, 0.0), t0, I * SUB, n, H, i_h, C, 0, C, SUB)
-        store_tile(P, tl.where(r[:, None] >= rows[None, :], p * scale, 0.0), t0, I * SUB, n, H, i_h, C, 0, C, SUB)
-    tl.debug_barrier()
-    for I in tl.static_range(4):
-        if not anchor_safe(G, t0, I * SUB, n, H, i_h, K, 0, K):
-            a_ii = exact_diag_block(k, rk, k, G, rk, t0, n, H, i_h, G_last, I, K, True, L2NORM)
-            p_ii = exact_diag_block(q, rq, k, G, rk, t0, n, H, i_h, G_last, I, K, False, L2NORM)
-            store_block(A, a_ii, t0, I, I, n, H, i_h, C)
-            store_block(P, p_ii * scale, t0, I, I, n, H, i_h, C)
-    # the blocks of A back from memory (written above by this program; the barrier orders it)
-    tl.debug_barrier()
+    a = tl.zeros([SUB, C], dtype=tl.float32)
+    p = tl.zeros([SUB, C], dtype=tl.float32)
+    upto = (rows < I * SUB + SUB)[:, None]
+    for kk in range(K // BK):
+        G_end = load_row_cols(G, t0 + n - 1, H, i_h, K, kk * BK, BK)
+        G_a = load_row_cols(G, t0 + tl.minimum(I * SUB, n - 1), H, i_h, K, kk * BK, BK)
+        e_row = tl.exp(load_G_cols(G, t0, I * SUB, n, H, i_h, G_end, K, kk * BK, BK, SUB) - G_a[None, :])
+        G_s = load_G_cols(G, t0, 0, n, H, i_h, G_end, K, kk * BK, BK, C)
+        k_s = load_qk_cols(k, rk, t0, 0, n, H, i_h, K, kk * BK, BK, C, L2NORM)
+        kt = tl.where(upto, k_s * tl.exp(tl.minimum(tl.where(upto, G_a[None, :] - G_s, 0.0), SAFE_DECAY)), 0.0)
+        k_r = load_qk_cols(k, rk, t0, I * SUB, n, H, i_h, K, kk * BK, BK, SUB, L2NORM)
+        q_r = load_qk_cols(q, rq, t0, I * SUB, n, H, i_h, K, kk * BK, BK, SUB, L2NORM)
+        a += tl.dot(k_r * e_row, tl.trans(kt), input_precision=PREC)
+        p += tl.dot(q_r * e_row, tl.trans(kt), input_precision=PREC)
+    r = I * SUB + tl.arange(0, SUB)
+    store_tile(A, tl.where(r[:, None] > rows[None, :], a, 0.0), t0, I * SUB, n, H, i_h, C, 0, C, SUB)
+    store_tile(P, tl.where(r[:, None] >= rows[None, :], p * scale, 0.0), t0, I * SUB, n, H, i_h, C, 0, C, SUB)
+    if not anchor_safe(G, t0, I * SUB, n, H, i_h, K, 0, K):
+        G_last = load_row(G, t0 + n - 1, H, i_h, K)
+        a_ii = exact_diag_block(k, rk, k, G, rk, t0, n, H, i_h, G_last, I, K, True, L2NORM)
+        p_ii = exact_diag_block(q, rq, k, G, rk, t0, n, H, i_h, G_last, I, K, False, L2NORM)
+        tl.debug_barrier()  # after every thread's store of the anchored block above
+        store_block(A, a_ii, t0, I, I, n, H, i_h, C)
+        store_block(P, p_ii * scale, t0, I, I, n, H, i_h, C)
+
+
+@triton.jit
+def intra_kernel(
+    q, k, v, G, beta, rq, rk, W, U, M, A, qg, kg, chunk_start, chunk_len, scale, H,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per chunk: ``M = (I + diag(β) A)^-1`` by 16×16 blocks from the A of :func:`scores_kernel`;
+    ``W = M (β Γ K)``, ``U = M (β V)``, ``qg = scale Q Γ``, ``kg = K exp(G_last - G)`` by column slices."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0 = tl.load(chunk_start + i_c)
+    n = tl.load(chunk_len + i_c)
     a00 = load_tile(A, t0, 0, n, H, i_h, C, 0, SUB, SUB)
     a10 = load_tile(A, t0, SUB, n, H, i_h, C, 0, SUB, SUB)
     a11 = load_tile(A, t0, SUB, n, H, i_h, C, SUB, SUB, SUB)
