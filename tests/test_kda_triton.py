@@ -92,7 +92,8 @@ def test_matches_torch_chunk(T, gate):
     assert_close(x, seed=T, tol=tol if not CUDA else 5e-3, **options(gate))
 
 
-@pytest.mark.parametrize("K,V,gate", [(128, 64, "bounded"), (128, 32, "steep"), (64, 128, "released")])
+@pytest.mark.parametrize("K,V,gate", [(128, 64, "bounded"), (128, 32, "steep"), (64, 128, "released"),
+                                      (256, 256, "bounded")])
 def test_wide_heads_match_torch_chunk(K, V, gate):
     """Head sizes above 64 take the kernels' sliced paths (K split across programs, W/U/V in 64-column slices)."""
     x = make_inputs(50, 1, K, V, seed=K + V, gate=gate)

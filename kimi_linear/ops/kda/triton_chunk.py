@@ -108,8 +108,10 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
     A = torch.empty(T, H, CHUNK, **f32)
     scores_kernel[(chunks.count * 4, H)](
         q, k, G, rq, rk, P, A, chunks.start, chunks.length, scale, H,
-        K=K, C=CHUNK, BK=min(K, 128), L2NORM=l2norm, PREC=_precision(cdt),
-        num_warps=8,  # H100, 1 x 65536: 2.7 ms; 3.0-5.2 ms for BK = 32 / 64 or 2-4 warps
+        # H100, 1 x 65536: 2.7 ms at BK = 128; 3.0-5.2 ms for BK = 32 / 64 or 2-4 warps. fp32 inputs take
+        # BK = 64: at 128 two fp32 slices (K = 256) need 258 KB of shared memory
+        K=K, C=CHUNK, BK=min(K, 64 if cdt == torch.float32 else 128), L2NORM=l2norm, PREC=_precision(cdt),
+        num_warps=8,
     )
     intra_kernel[grid](
         q, k, v, G, beta_f, rq, rk, W, U, M, A, qg, kg, chunks.start, chunks.length, scale, H,
