@@ -129,7 +129,7 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
         W, U, P, qg, kg, G, o, h0 if h0 is not None else G, final if want_final else G, h if store_h else G,
         v_new if training else G, chunks.cu, chunks.offset, H,
         K=K, V=V, BV=BV, C=CHUNK, HAS_H0=h0 is not None, STORE_HT=want_final, STORE_H=store_h, STORE_V=training,
-        PIPELINE=not _interpreting(), num_warps=4 if BV < 64 else 8, PREC=_precision(cdt),
+        PIPELINE=_pipeline(cdt, K), num_warps=4 if BV < 64 else 8, PREC=_precision(cdt),
     )
     saved = dict(G=G, beta_f=beta_f, rq=rq, rk=rk, W=W, P=P, qg=qg, kg=kg, M=M, A=A, h=h, v_new=v_new)
     return o, final, h if want_states else None, saved
@@ -139,6 +139,12 @@ def _precision(cdt: torch.dtype) -> str:
     """How the kernels run fp32 matrix products: TF32 when the inputs are bf16/fp16 (its rounding is finer than
     theirs), three-pass TF32 (about fp32 accuracy) when the caller passed fp32."""
     return "tf32x3" if cdt == torch.float32 else "tf32"
+
+
+def _pipeline(cdt: torch.dtype, K: int) -> bool:
+    """Whether the sequential kernels prefetch the next chunk (two pipeline stages): not in the interpreter,
+    and not for fp32 tiles with K = 256, whose two stages need ~300 KB of shared memory (H100 has 227)."""
+    return not _interpreting() and (cdt != torch.float32 or K <= 128)
 
 
 def _interpreting() -> bool:
@@ -200,7 +206,7 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
     state_bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
         do, saved["P"], saved["qg"], saved["kg"], saved["W"], G, dfinal if dfinal is not None else G, dh, dv_new,
         dh0, chunks.cu, chunks.offset, H,
-        K=K, V=V, BV=BV, C=CHUNK, HAS_DHT=dfinal is not None, PIPELINE=not _interpreting(),
+        K=K, V=V, BV=BV, C=CHUNK, HAS_DHT=dfinal is not None, PIPELINE=_pipeline(cdt, K),
         num_warps=4 if BV < 64 else 8, PREC=_precision(cdt),
     )
     # 2. per chunk: the gradients through the state, the output's intra-chunk part and the UT transform
