@@ -25,6 +25,7 @@ from triton.testing import do_bench
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import environment, markdown_table, write_results
 from kimi_linear.ops.kda.triton_chunk import chunk_kda_triton
 
 H, D, CHUNK = 32, 128, 64
@@ -171,18 +172,39 @@ def write(results_dir: Path, rows: list[dict], append: bool = False) -> None:
     (results_dir / "kda.md").write_text("\n".join(header) + table(rows) + "\n")
 
 
-def profile(B: int, T: int) -> None:
-    """Print the device time of each kernel in one forward+backward of ours (bounded and released gates)."""
-    for lower_bound in (-5.0, None):
-        x = {n: t.requires_grad_() for n, t in inputs(B, T).items()}
-        for _ in range(2):
-            ours(x, lower_bound)[0].sum().backward()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            ours(x, lower_bound)[0].sum().backward()
+def _fwd_bwd(x: dict, lower_bound: float | None, do: torch.Tensor) -> None:
+    for t in x.values():
+        t.grad = None  # as in training: no accumulation into earlier gradients
+    ours(x, lower_bound)[0].backward(do)
+
+
+def profile(shapes, results_dir: str | Path | None) -> list[dict]:
+    """Device time of each kernel in one forward+backward of ours (bounded and released gates), from
+    torch.profiler; written to ``kda_kernels.json`` / ``.md``."""
+    rows = []
+    for B, T in shapes:
+        for gate, lower_bound in (("bounded", -5.0), ("released", None)):
+            x = {n: t.requires_grad_() for n, t in inputs(B, T).items()}
+            do = torch.randn_like(ours(x, lower_bound)[0])
+            for _ in range(3):
+                _fwd_bwd(x, lower_bound, do)
             torch.cuda.synchronize()
-        print(f"lower_bound={lower_bound}, B={B}, T={T}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                _fwd_bwd(x, lower_bound, do)
+                torch.cuda.synchronize()
+            events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                            key=lambda e: -e.device_time_total)
+            for e in events:
+                rows.append(dict(shape=f"{B}x{T}", gate=gate, kernel=e.key[:60], calls=e.count,
+                                 ms=round(e.device_time_total / 1e3, 3)))
+            rows.append(dict(shape=f"{B}x{T}", gate=gate, kernel="total", calls=sum(e.count for e in events),
+                             ms=round(sum(e.device_time_total for e in events) / 1e3, 3)))
+            del x
+    table = markdown_table(rows, ["shape", "gate", "kernel", "calls", "ms"])
+    print(table)
+    if results_dir is not None:
+        write_results("kda_kernels", environment(), rows, table, Path(results_dir))
+    return rows
 
 
 def main() -> None:
@@ -190,14 +212,16 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES))
     parser.add_argument("--results-dir", default="benchmarks/results")
     parser.add_argument("--no-decode", action="store_true", help="skip benchmarks/kda_decode.py")
-    parser.add_argument("--profile", action="store_true", help="per-kernel times of one fwd+bwd at the first shape")
+    parser.add_argument("--profile", action="store_true",
+                        help="only the per-kernel device times of one fwd+bwd of ours at each shape (kda_kernels.*)")
     parser.add_argument("--impls", default="ours,ours_released,fla,sdpa", help="which implementations to time")
     parser.add_argument("--append", action="store_true",
                         help="keep the other shapes' rows of an earlier run (same device and versions)")
     args = parser.parse_args()
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     if args.profile:
-        profile(*shapes[0])
+        profile(shapes, args.results_dir)
+        return
     rows = run(shapes, args.results_dir, tuple(args.impls.split(",")), args.append)
     print(table(rows))
     if not args.no_decode:
