@@ -83,7 +83,7 @@ def _block_v(V: int, programs_per_block: int) -> int:
 
 def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l2norm, sigmoid,
              want_final, want_states, training):
-    """Run the three forward kernels on flattened ``[T, H, D]`` views; returns o and what backward needs."""
+    """Run the four forward kernels on flattened ``[T, H, D]`` views; returns o and what backward needs."""
     T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
