@@ -147,16 +147,17 @@ def grads_kernel_a(
         to_end = tl.exp(G_end[None, :] - G_s)
         q_s = load_qk_cols(q, rq, t0, 0, n, H, i_h, K, c0, BK, C, L2NORM)
         k_s = load_qk_cols(k, rk, t0, 0, n, H, i_h, K, c0, BK, C, L2NORM)
-        bgk = b[:, None] * gam * k_s
+        bg = b[:, None] * gam
         dx_w = tl.dot(tl.trans(m), dW, input_precision=PREC)
-        dM += tl.dot(dW, tl.trans(bgk), input_precision=PREC)
+        dM += tl.dot(dW, tl.trans(bg * k_s), input_precision=PREC)
         db += tl.sum(dx_w * gam * k_s, axis=1)
-        store_tile(dq_part, scale * gam * dqg, t0, 0, n, H, i_h, K, c0, BK, C)
-        store_tile(dk_part, to_end * dkg + b[:, None] * gam * dx_w, t0, 0, n, H, i_h, K, c0, BK, C)
-        store_tile(dG_part, scale * gam * q_s * dqg - k_s * to_end * dkg + dx_w * bgk, t0, 0, n, H, i_h, K, c0, BK,
-                   C)
+        dq_s = scale * gam * dqg
+        dkg_s = k_s * to_end * dkg
+        store_tile(dq_part, dq_s, t0, 0, n, H, i_h, K, c0, BK, C)
+        store_tile(dk_part, to_end * dkg + bg * dx_w, t0, 0, n, H, i_h, K, c0, BK, C)
+        store_tile(dG_part, q_s * dq_s - dkg_s + dx_w * bg * k_s, t0, 0, n, H, i_h, K, c0, BK, C)
         tl.store(dG_last + (i_c.to(tl.int64) * H + i_h) * K + c0 + tl.arange(0, BK),
-                 tl.sum(k_s * to_end * dkg, axis=0) + tl.exp(G_end) * dgl)
+                 tl.sum(dkg_s, axis=0) + tl.exp(G_end) * dgl)
 
     # through M = (I + diag(β) A)^-1: dL = -M^T dM M^T
     dL = -tl.dot(tl.dot(tl.trans(m), dM, input_precision=PREC), tl.trans(m), input_precision=PREC)
@@ -294,6 +295,7 @@ def prep_bwd_kernel(
     for X in range(3, -1, -1):  # last block first: the reverse cumsum carries from later rows
         r0 = X * SUB
         dG = load_rows(dG_part, t0, r0, n, H, i_h, K, SUB)
+        # g -> G is a cumsum inside the chunk, so dg is the reverse cumsum of dG (plus what later blocks carry)
         dgx = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG + carry[None, :]
         carry += tl.sum(dG, axis=0)
         if HAS_GATE:
