@@ -210,11 +210,7 @@ def check_against_fp64(x, seed, **kw):
 
 
 @gpu
-@pytest.mark.parametrize("gate", [
-    "released",
-    # measured on H100 (2026-11-22): every error <= 5.9e-3 except ddt_bias at 1.03e-2 (bf16 intermediates)
-    pytest.param("bounded", marks=pytest.mark.xfail(reason="ddt_bias rel err 1.03e-2 > 1e-2 on H100")),
-])
+@pytest.mark.parametrize("gate", ["released", "bounded"])
 def test_gpu_bf16_against_fp64(gate):
     x = make_inputs(1000, 4, 128, 128, B=2, seed=11, gate=gate, dtype=torch.bfloat16)
     print(gate, check_against_fp64(x, seed=11, **options(gate)))
@@ -232,13 +228,10 @@ def test_gpu_long_sequence_near_lower_bound_is_finite_and_accurate():
     errors = {"o": rel_err(o, o_r), "final_state": rel_err(f, f_r)} | {f"d{n}": rel_err(grads[n], grads_r[n])
                                                                         for n in x}
     print("long", errors)
-    # Known gap (H100, 2026-11-22): the gradients into the gate are off by dg 3.6e-2, dA_log 1.1e-1,
-    # ddt_bias 1.0e-1 here (bf16 intermediates over 1024 chunks of saturated gates); everything else meets
-    # the bounds. The loose bound keeps the test able to catch a regression.
-    gate_grads = ("dg", "dA_log", "ddt_bias")
+    # H100 (2026-11-22): o 3.1e-3, every gradient <= 3.8e-3. The gate gradients are sums whose terms largely
+    # cancel; with single-pass TF32 diagonal-block score gradients they were off by up to 1e-1 here (grads_kernel_b)
     assert errors["o"] <= 5e-3 and errors["final_state"] <= 5e-3, errors
-    assert all(e <= 1e-2 for n, e in errors.items() if n.startswith("d") and n not in gate_grads), errors
-    assert all(errors[n] <= 0.15 for n in gate_grads), errors
+    assert all(e <= 1e-2 for n, e in errors.items() if n.startswith("d")), errors
 
 
 @gpu

@@ -137,7 +137,8 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
 
 def _precision(cdt: torch.dtype) -> str:
     """How the kernels run fp32 matrix products: TF32 when the inputs are bf16/fp16 (its rounding is finer than
-    theirs), three-pass TF32 (about fp32 accuracy) when the caller passed fp32."""
+    theirs), three-pass TF32 (about fp32 accuracy) when the caller passed fp32. The backward's anchored products
+    on diagonal blocks always take three-pass (see :func:`triton_chunk_bwd.grads_kernel_b`)."""
     return "tf32x3" if cdt == torch.float32 else "tf32"
 
 
