@@ -1,0 +1,118 @@
+"""Chunk KDA accuracy against fp64: ours vs fla-core 0.6.0 (if installed), bf16 inputs, fused gate / norm / beta.
+
+    python benchmarks/kda_accuracy.py
+
+The reference is our PyTorch chunk path run in fp64 on the same bf16 values (it matches the naive recurrence to
+fp64 rounding: tests/test_kda_chunk.py). Errors are ||x - ref|| / ||ref|| for the output, the final state and
+the gradients of a fixed random linear functional of both with respect to every input. The last case is the one
+that separates kernels: gates near their lower bound over 64K tokens, where the gate gradients are sums whose
+terms cancel. Prints a table; writes kda_accuracy.json / .md to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import environment, markdown_table, write_results
+from kimi_linear.ops.kda import chunk_kda_torch
+from kimi_linear.ops.kda.triton_chunk import chunk_kda_triton
+
+D = 128
+# name, B, T, H, lower_bound, dt_bias (None: random)
+CASES = [
+    ("released gate, 2 x 4096", 2, 4096, 4, None, None),
+    ("bounded gate, 2 x 4096", 2, 4096, 4, -5.0, None),
+    ("bounded, near the bound, 1 x 65536", 1, 65536, 1, -5.0, 6.0),
+]
+RESULTS = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dA_log", "ddt_bias", "dinitial_state"]
+
+
+def case_inputs(B: int, T: int, H: int, dt_bias: float | None, seed: int = 0) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, device="cuda") * scale
+
+    x = dict(q=rnd(B, T, H, D), k=rnd(B, T, H, D), v=rnd(B, T, H, D), g=rnd(B, T, H, D, scale=2.0), beta=rnd(B, T, H))
+    x = {n: t.bfloat16() for n, t in x.items()}
+    x["A_log"] = torch.rand(H, generator=gen, device="cuda") * 2 - 1
+    x["dt_bias"] = rnd(H * D) if dt_bias is None else torch.full((H * D,), dt_bias, device="cuda")
+    x["initial_state"] = rnd(B, H, D, D)
+    return x
+
+
+def ours(lower_bound, **x):
+    return chunk_kda_triton(**x, lower_bound=lower_bound, output_final_state=True, use_qk_l2norm_in_kernel=True,
+                            use_beta_sigmoid_in_kernel=True)
+
+
+def reference(lower_bound, **x):
+    return chunk_kda_torch(**{n: t.double() for n, t in x.items()}, lower_bound=lower_bound, output_final_state=True,
+                           use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+
+
+def fla(lower_bound, **x):
+    from fla.ops.kda import chunk_kda
+
+    return chunk_kda(**x, output_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                     use_beta_sigmoid_in_kernel=True, safe_gate=lower_bound is not None, lower_bound=lower_bound)
+
+
+def outputs_and_grads(fn, x: dict, lower_bound: float | None) -> dict:
+    """o, the final state and the gradients of ``sum(o * do) + sum(final * dh)`` (do, dh fixed) w.r.t. every input."""
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+    o, final = fn(lower_bound, **leaves)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    do = torch.randn(o.shape, generator=gen, device="cuda").bfloat16()
+    dh = torch.randn(final.shape, generator=gen, device="cuda")
+    loss = (o * do.to(o.dtype)).sum() + (final * dh.to(final.dtype)).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return {"o": o.detach(), "final_state": final.detach()} | {f"d{n}": g for n, g in zip(leaves, grads)}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def run(results_dir: Path | None, wanted: tuple[str, ...] = ("ours", "fla")) -> list[dict]:
+    impls = {"ours": ours} if "ours" in wanted else {}
+    meta = environment()
+    try:
+        from fla import __version__ as fla_version
+    except ImportError:
+        fla_version = None
+    if fla_version is not None and "fla" in wanted:
+        impls["fla"] = fla
+        meta["fla-core"] = fla_version
+    rows = []
+    for name, B, T, H, lower_bound, dt_bias in CASES:
+        x = case_inputs(B, T, H, dt_bias)
+        ref = outputs_and_grads(reference, x, lower_bound)
+        for impl, fn in impls.items():
+            got = outputs_and_grads(fn, x, lower_bound)
+            rows.append({"case": name, "impl": impl} | {r: f"{rel_err(got[r], ref[r]):.1e}" for r in RESULTS})
+            print(rows[-1], flush=True)
+        del ref
+    table = markdown_table(rows, ["case", "impl", *RESULTS])
+    print(table)
+    if results_dir is not None:
+        write_results("kda_accuracy", meta, rows, table, results_dir)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--impls", default="ours,fla", help="which implementations to check")
+    args = parser.parse_args()
+    run(args.results_dir, tuple(args.impls.split(",")))
+
+
+if __name__ == "__main__":
+    main()
