@@ -201,6 +201,7 @@ def fp64_reference(x, seed, **kw):
 
 def check_against_fp64(x, seed, **kw):
     o, f, grads = forward_backward(chunk_kda_triton, x, seed, **kw)
+    assert all(torch.isfinite(t).all() for t in (o, f, *grads.values()))
     o_r, f_r, grads_r = fp64_reference(x, seed, **kw)
     errors = {"o": rel_err(o, o_r), "final_state": rel_err(f, f_r)}
     grad_errors = {f"d{n}": rel_err(grads[n], grads_r[n]) for n in x}
@@ -222,16 +223,9 @@ def test_gpu_long_sequence_near_lower_bound_is_finite_and_accurate():
     x = make_inputs(65536, 1, 128, 128, seed=12, gate="bounded", dtype=torch.bfloat16)
     with torch.no_grad():
         x["dt_bias"].fill_(6.0)  # sigmoid(exp(A_log) (f + 6)) mostly in (0.7, 1): g near lower_bound
-    o, f, grads = forward_backward(chunk_kda_triton, x, 12, **options("bounded"))
-    assert all(torch.isfinite(t).all() for t in (o, f, *grads.values()))
-    o_r, f_r, grads_r = fp64_reference(x, 12, **options("bounded"))
-    errors = {"o": rel_err(o, o_r), "final_state": rel_err(f, f_r)} | {f"d{n}": rel_err(grads[n], grads_r[n])
-                                                                        for n in x}
-    print("long", errors)
     # H100 (2026-11-22): o 3.1e-3, every gradient <= 3.8e-3. The gate gradients are sums whose terms largely
     # cancel; with single-pass TF32 diagonal-block score gradients they were off by up to 1e-1 here (grads_kernel_b)
-    assert errors["o"] <= 5e-3 and errors["final_state"] <= 5e-3, errors
-    assert all(e <= 1e-2 for n, e in errors.items() if n.startswith("d")), errors
+    print("long", check_against_fp64(x, seed=12, **options("bounded")))
 
 
 @gpu
