@@ -46,6 +46,15 @@ def matmul_tflops(n: int = 8192) -> float:
     return 2 * n**3 / ms / 1e9
 
 
+def fla_version() -> str | None:
+    """fla-core's version if it is installed (the peer the KDA benchmarks compare against), else None."""
+    try:
+        import fla
+    except ImportError:
+        return None
+    return getattr(fla, "__version__", "unknown")
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)

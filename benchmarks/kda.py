@@ -25,7 +25,7 @@ from triton.testing import do_bench
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, markdown_table, write_results
+from benchmarks.common import environment, fla_version, markdown_table, write_results
 from kimi_linear.ops.kda.triton_chunk import chunk_kda_triton
 
 H, D, CHUNK = 32, 128, 64
@@ -43,17 +43,19 @@ def inputs(B: int, T: int, seed: int = 0) -> dict:
                 A_log=torch.rand(H, generator=gen, device="cuda").log(), dt_bias=rnd(H * D, dtype=torch.float32))
 
 
-def ours(x: dict, lower_bound: float | None = -5.0):
-    return chunk_kda_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], A_log=x["A_log"], dt_bias=x["dt_bias"],
-                            lower_bound=lower_bound, use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+def ours(x: dict, lower_bound: float | None = -5.0, **extra):
+    """Our chunk KDA with gate, q/k L2 norm and beta sigmoid fused; x: q, k, v, g, beta, A_log, dt_bias (and
+    optionally initial_state); extra: further chunk_kda options."""
+    return chunk_kda_triton(**x, lower_bound=lower_bound, use_qk_l2norm_in_kernel=True,
+                            use_beta_sigmoid_in_kernel=True, **extra)
 
 
-def fla(x: dict):
+def fla(x: dict, lower_bound: float | None = -5.0, **extra):
+    """fla-core's chunk_kda with the same fusions (its safe_gate is our bounded gate)."""
     from fla.ops.kda import chunk_kda
 
-    return chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], A_log=x["A_log"], dt_bias=x["dt_bias"],
-                     use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
-                     safe_gate=True, lower_bound=-5.0)
+    return chunk_kda(**x, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                     safe_gate=lower_bound is not None, lower_bound=lower_bound, **extra)
 
 
 def sdpa(x: dict):
@@ -62,14 +64,6 @@ def sdpa(x: dict):
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         return (torch.nn.functional.scaled_dot_product_attention(
             x["q"].transpose(1, 2), x["k"].transpose(1, 2), x["v"].transpose(1, 2), is_causal=True),)
-
-
-def _fla_version() -> str | None:
-    try:
-        import fla
-    except ImportError:
-        return None
-    return getattr(fla, "__version__", "unknown")
 
 
 def time_fwd(fn, x: dict) -> float:
@@ -108,7 +102,7 @@ def agreement(x: dict) -> float:
 
 def run(shapes=SHAPES, results_dir: str | Path | None = "benchmarks/results",
         names: tuple[str, ...] = ("ours", "ours_released", "fla", "sdpa"), append: bool = False) -> list[dict]:
-    have_fla = _fla_version() is not None
+    have_fla = fla_version() is not None
     every = {"ours": ours, "ours_released": lambda x: ours(x, None), "sdpa": sdpa, "fla": fla}
     impls = {n: every[n] for n in names if n != "fla" or have_fla}
     have_fla = "fla" in impls
@@ -150,7 +144,7 @@ def write(results_dir: Path, rows: list[dict], append: bool = False) -> None:
     """Write kda.json / kda.md. With ``append``, rows of other shapes already there stay, if they were measured
     on the same device with the same versions (one run per shape, when a whole run would take too long)."""
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                fla=_fla_version(), command="python " + " ".join(sys.argv),
+                fla=fla_version(), command="python " + " ".join(sys.argv),
                 ceilings=dict(matmul_TFLOPs=MATMUL_TFLOPS, copy_TBps=COPY_TBPS))
     old = results_dir / "kda.json"
     if append and old.exists():

@@ -19,9 +19,9 @@ import torch
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, markdown_table, write_results
+from benchmarks import kda
+from benchmarks.common import environment, fla_version, markdown_table, write_results
 from kimi_linear.ops.kda import chunk_kda_torch
-from kimi_linear.ops.kda.triton_chunk import chunk_kda_triton
 
 D = 128
 # name, B, T, H, lower_bound, dt_bias (None: random)
@@ -47,27 +47,16 @@ def case_inputs(B: int, T: int, H: int, dt_bias: float | None, seed: int = 0) ->
     return x
 
 
-def ours(lower_bound, **x):
-    return chunk_kda_triton(**x, lower_bound=lower_bound, output_final_state=True, use_qk_l2norm_in_kernel=True,
-                            use_beta_sigmoid_in_kernel=True)
-
-
-def reference(lower_bound, **x):
-    return chunk_kda_torch(**{n: t.double() for n, t in x.items()}, lower_bound=lower_bound, output_final_state=True,
-                           use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
-
-
-def fla(lower_bound, **x):
-    from fla.ops.kda import chunk_kda
-
-    return chunk_kda(**x, output_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
-                     use_beta_sigmoid_in_kernel=True, safe_gate=lower_bound is not None, lower_bound=lower_bound)
+def reference(x: dict, lower_bound: float | None, **extra):
+    """The PyTorch chunk path in fp64 on the same values, with the fusions of :func:`benchmarks.kda.ours`."""
+    return chunk_kda_torch(**{n: t.double() for n, t in x.items()}, lower_bound=lower_bound,
+                           use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, **extra)
 
 
 def outputs_and_grads(fn, x: dict, lower_bound: float | None) -> dict:
     """o, the final state and the gradients of ``sum(o * do) + sum(final * dh)`` (do, dh fixed) w.r.t. every input."""
     leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
-    o, final = fn(lower_bound, **leaves)
+    o, final = fn(leaves, lower_bound, output_final_state=True)
     gen = torch.Generator(device="cuda").manual_seed(1)
     do = torch.randn(o.shape, generator=gen, device="cuda").bfloat16()
     dh = torch.randn(final.shape, generator=gen, device="cuda")
@@ -81,15 +70,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run(results_dir: Path | None, wanted: tuple[str, ...] = ("ours", "fla")) -> list[dict]:
-    impls = {"ours": ours} if "ours" in wanted else {}
-    meta = environment()
-    try:
-        from fla import __version__ as fla_version
-    except ImportError:
-        fla_version = None
-    if fla_version is not None and "fla" in wanted:
-        impls["fla"] = fla
-        meta["fla-core"] = fla_version
+    meta = environment() | {"fla-core": fla_version()}
+    available = {"ours": kda.ours} | ({"fla": kda.fla} if meta["fla-core"] else {})
+    impls = {n: fn for n, fn in available.items() if n in wanted}
     rows = []
     for name, B, T, H, lower_bound, dt_bias in CASES:
         x = case_inputs(B, T, H, dt_bias)

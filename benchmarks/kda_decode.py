@@ -28,6 +28,7 @@ from triton.testing import do_bench
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import fla_version
 from kimi_linear.ops.kda import fused_recurrent_kda
 from kimi_linear.ops.kda.triton_recurrent import fused_recurrent_kda_triton
 
@@ -118,21 +119,13 @@ def _opts(x: dict) -> dict:
     return dict(A_log=x["A_log"], dt_bias=x["dt_bias"], use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
 
 
-def _fla_version() -> str | None:
-    try:
-        import fla
-    except ImportError:
-        return None
-    return getattr(fla, "__version__", "unknown")
-
-
 def run(results_dir: str | Path | None = "benchmarks/results", sizes: tuple[int, ...] = SIZES) -> list[dict]:
     """Time the decode step for each N (ours eager and graphed; fla eager and graphed when importable).
 
     Returns one dict per (implementation, N); writes kda_decode.json / .md under results_dir unless it is None.
     """
     copy_bw = copy_bandwidth_tbps()
-    have_fla = _fla_version() is not None
+    have_fla = fla_version() is not None
     rows = []
     for N in sizes:
         x = decode_inputs(N)
@@ -259,7 +252,7 @@ def _graph_us(fn: Callable[[], object]) -> float | None:
 def _meta(copy_bw: float) -> dict:
     props = torch.cuda.get_device_properties(0)
     return dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
-                triton=triton.__version__, fla=_fla_version(), copy_TBps=round(copy_bw, 3),
+                triton=triton.__version__, fla=fla_version(), copy_TBps=round(copy_bw, 3),
                 command="python " + " ".join(sys.argv) if sys.argv and sys.argv[0] else "run()")
 
 
