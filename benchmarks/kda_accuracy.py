@@ -82,10 +82,10 @@ def run(results_dir: Path | None, wanted: tuple[str, ...] = ("ours", "fla")) -> 
             rows.append({"case": name, "impl": impl} | {r: f"{rel_err(got[r], ref[r]):.1e}" for r in RESULTS})
             print(rows[-1], flush=True)
         del ref
-    table = markdown_table(rows, ["case", "impl", *RESULTS])
+        table = markdown_table(rows, ["case", "impl", *RESULTS])
+        if results_dir is not None:  # after every case: a run cut short still leaves its rows
+            write_results("kda_accuracy", meta, rows, table, results_dir)
     print(table)
-    if results_dir is not None:
-        write_results("kda_accuracy", meta, rows, table, results_dir)
     return rows
 
 
