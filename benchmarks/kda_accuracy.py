@@ -23,7 +23,7 @@ from benchmarks import kda
 from benchmarks.common import environment, fla_version, markdown_table, write_results
 from kimi_linear.ops.kda import chunk_kda_torch
 
-D = 128
+D = kda.D  # head size of the speed benchmark
 # name, B, T, H, lower_bound, dt_bias (None: random)
 CASES = [
     ("released gate, 2 x 4096", 2, 4096, 4, None, None),
