@@ -18,9 +18,9 @@ import torch
 import triton
 
 from kimi_linear.ops.kda.triton_chunk_bwd import (
+    gate_bwd_kernel,
     grads_kernel_a,
     grads_kernel_b,
-    prep_bwd_kernel,
     state_bwd_kernel,
 )
 from kimi_linear.ops.kda.triton_chunk_fwd import intra_kernel, prep_kernel, scores_kernel, state_out_kernel
@@ -213,7 +213,10 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
     # 2. per chunk: the gradients through the state, the output's intra-chunk part and the UT transform
     dA = torch.empty(T, H, CHUNK, **f32)
     dP = torch.empty(T, H, CHUNK, **f32)
-    dq_part, dk_part, dG_part = (torch.empty(T, H, K, **f32) for _ in range(3))
+    # grads A's share of dq goes through bf16/fp16 (cdt): it changed no error in kda_accuracy.md to two digits and
+    # saves 0.24 ms at 1 x 65536; its share of dk did not (3.1e-3 -> 3.5e-3), nor can dG's, whose terms cancel
+    dq_part = torch.empty(T, H, K, dtype=cdt, device=dev)
+    dk_part, dG_part = (torch.empty(T, H, K, **f32) for _ in range(2))
     dG_last = torch.empty(chunks.count, H, K, **f32)
     dbeta = torch.empty_like(beta)
     dv = torch.empty_like(v)
@@ -225,23 +228,23 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
         num_warps=8,  # H100, 1 x 65536: 10.1 ms; 10.2-12.9 ms for BK, BV in {32, 64}, 13-20 ms at 4 warps
         num_stages=2,  # 3 needs 289 KB of shared memory at fp32, K = 128, V = 64 (bf16 uses 96 KB either way)
     )
-    # 3. per 16-row block and slice of K: the gradients through the decayed scores, into the partials
-    BK = min(K, 64)
-    grads_kernel_b[(chunks.count * 4 * (K // BK), H)](
-        q, k, rq, rk, G, dA, dP, dq_part, dk_part, dG_part, chunks.start, chunks.length, scale, H,
-        K=K, BK=BK, C=CHUNK, L2NORM=l2norm, PREC=_precision(cdt),
-        num_warps=2,  # H100, 1 x 65536: 8.3 ms at BK = 64 and 2 warps; 10.6-21.6 ms at BK 32-128, 4-8 warps
-    )
-    # 4. per chunk: the backward of the pre-processing (cumsum, gate, L2 norm)
+    # 3. per 16-row block: the gradients through the decayed scores, finishing dq and dk
     dq, dk = torch.empty_like(q), torch.empty_like(k)
+    grads_kernel_b[(chunks.count * 4, H)](
+        q, k, rq, rk, G, dA, dP, dq_part, dk_part, dG_part, dq, dk, chunks.start, chunks.length, scale, H,
+        K=K, C=CHUNK, L2NORM=l2norm, PREC=_precision(cdt),
+        # H100, 1 x 65536: 9.0 ms at 4 warps, 14.5 at 8 (where ptxas reports no spills); with K in two
+        # 64-channel programs of 2 warps it took 7.8 ms but left the L2 norm's 2.1 GB of fp32 partials to prep bwd
+        num_warps=2 if K <= 64 else 4 if K <= 128 else 8,
+    )
+    # 4. per chunk: the backward of the gate (reverse cumsum and activation)
     dg = torch.empty_like(g)
     dA_log_part = torch.empty(chunks.count, H, **f32) if has_gate else None
     ddt_part = torch.empty(chunks.count, H, K, **f32) if has_gate else None
-    prep_bwd_kernel[grid](
-        q, k, g, rq, rk, A_log if has_gate else G, dt_bias if has_gate else G, dq_part, dk_part, dG_part, dG_last,
-        dq, dk, dg, dA_log_part if has_gate else G, ddt_part if has_gate else G, chunks.start, chunks.length,
-        float(lower_bound or 0.0), H, K=K, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, L2NORM=l2norm,
-        num_warps=2,
+    gate_bwd_kernel[grid](
+        g, A_log if has_gate else G, dt_bias if has_gate else G, dG_part, dG_last, dg,
+        dA_log_part if has_gate else G, ddt_part if has_gate else G, chunks.start, chunks.length,
+        float(lower_bound or 0.0), H, K=K, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, num_warps=2,
     )
     dA_log = dA_log_part.sum(0).view_as(A_log) if has_gate else None
     ddt_bias = ddt_part.sum(0).view_as(dt_bias) if has_gate else None

@@ -7,10 +7,11 @@
    ``V' = U - W S``, ``S_end = exp(G_last) S + kg^T V'`` and the UT transform ``W = M β Γ K``, ``U = M β V``,
    ``M = (I + diag(β) A)^-1`` (``dL = -M^T dM M^T``): dv, dβ, dA, dP, and the parts of dq, dk, dG that are
    element-wise in the channel.
-3. :func:`grads_kernel_b` (one 16-row block and a slice of K per program): the gradients through the decayed
-   scores A and P with the same anchoring as the forward.
-4. :func:`prep_bwd_kernel` (chunk-parallel): the reverse cumsum from dG to dg and the backward of the fused
-   gate activation and L2 norm.
+3. :func:`grads_kernel_b` (one 16-row block per program, whole rows of K): the gradients through the decayed
+   scores A and P with the same anchoring as the forward; finishes dq and dk (with the fused L2 norm's
+   backward).
+4. :func:`gate_bwd_kernel` (chunk-parallel): the reverse cumsum from dG to dg and the backward of the fused
+   gate activation.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kimi_linear.ops.kda.triton_common import (
     SUB,
     anchor_safe,
     first_row,
+    load_G,
     load_G_cols,
     load_qk,
     load_qk_cols,
@@ -191,45 +193,44 @@ def exact_diag_grads(D, k, x, G, R: tl.constexpr):
 
 @triton.jit
 def grads_kernel_b(
-    q, k, rq, rk, G, dA, dP, dq_part, dk_part, dG_part, chunk_start, chunk_len, scale, H,
-    K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr,
+    q, k, rq, rk, G, dA, dP, dq_part, dk_part, dG_part, dq, dk, chunk_start, chunk_len, scale, H,
+    K: tl.constexpr, C: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One program per (chunk, 16-row block X, BK channels): the gradients through the decayed scores
+    """One program per (chunk, 16-row block X), whole rows of K: the gradients through the decayed scores
     ``A_ij = β_i Σ_d k_id k_jd e^(G_id - G_jd)`` and ``P_ij = scale Σ_d q_id k_jd e^(G_id - G_jd)`` of X's rows
     (against earlier blocks, anchored at X's first row) and X's columns (against later blocks, anchored at
-    theirs), added in place to the per-token partials dq, dk, dG (fp32). Every step is separate per channel,
-    so small programs keep their tiles in registers; :func:`prep_bwd_kernel` finishes the rows."""
-    NK: tl.constexpr = K // BK
+    theirs), added to grads A's partials. X's dq and dk are then complete: the L2 norm's backward (which needs
+    whole rows) turns them into the final gradients; dG goes back into its fp32 partial for
+    :func:`gate_bwd_kernel`, whose reverse cumsum needs the whole chunk."""
     pid = tl.program_id(0)
-    i_c, X, i_k, i_h = pid // (4 * NK), pid // NK % 4, pid % NK, tl.program_id(1)
-    c0 = i_k * BK
+    i_c, X, i_h = pid // 4, pid % 4, tl.program_id(1)
     r0 = X * SUB
     t0 = tl.load(chunk_start + i_c)
     n = tl.load(chunk_len + i_c)
-    G_last = load_row_cols(G, t0 + n - 1, H, i_h, K, c0, BK)
-    G_x = load_G_cols(G, t0, r0, n, H, i_h, G_last, K, c0, BK, SUB)
+    G_last = load_row(G, t0 + n - 1, H, i_h, K)
+    G_x = load_G(G, t0, r0, n, H, i_h, G_last, K, SUB)
     G_ax = first_row(G_x, SUB)
     # row terms: every product is scaled by e_x = exp(G_x - G_ax) (<= 1), applied once at the end; the column
     # terms of A and P share one accumulator (P's scaled as they come)
-    row_a = tl.zeros([SUB, BK], dtype=tl.float32)
-    row_p = tl.zeros([SUB, BK], dtype=tl.float32)
-    col = tl.zeros([SUB, BK], dtype=tl.float32)
+    row_a = tl.zeros([SUB, K], dtype=tl.float32)
+    row_p = tl.zeros([SUB, K], dtype=tl.float32)
+    col = tl.zeros([SUB, K], dtype=tl.float32)
     # rows of X against earlier column blocks J (anchor: X's first row)
     J = 0
     while J < X:  # (while: the interpreter cannot range() over a program id)
-        G_j = load_G_cols(G, t0, J * SUB, n, H, i_h, G_last, K, c0, BK, SUB)
-        k_ja = load_qk_cols(k, rk, t0, J * SUB, n, H, i_h, K, c0, BK, SUB, L2NORM) * tl.exp(G_ax[None, :] - G_j)
+        G_j = load_G(G, t0, J * SUB, n, H, i_h, G_last, K, SUB)
+        k_ja = load_qk(k, rk, t0, J * SUB, n, H, i_h, K, SUB, L2NORM) * tl.exp(G_ax[None, :] - G_j)
         row_a += tl.dot(load_tile(dA, t0, r0, n, H, i_h, C, J * SUB, SUB, SUB), k_ja, input_precision=PREC)
         row_p += tl.dot(load_tile(dP, t0, r0, n, H, i_h, C, J * SUB, SUB, SUB), k_ja, input_precision=PREC)
         J += 1
     # columns of X against later row blocks I (anchor: I's first row)
     I = X + 1
     while I < 4:
-        G_i = load_G_cols(G, t0, I * SUB, n, H, i_h, G_last, K, c0, BK, SUB)
+        G_i = load_G(G, t0, I * SUB, n, H, i_h, G_last, K, SUB)
         G_ai = first_row(G_i, SUB)
         e_i = tl.exp(G_i - G_ai[None, :])
-        k_i = load_qk_cols(k, rk, t0, I * SUB, n, H, i_h, K, c0, BK, SUB, L2NORM) * e_i
-        q_i = load_qk_cols(q, rq, t0, I * SUB, n, H, i_h, K, c0, BK, SUB, L2NORM) * e_i
+        k_i = load_qk(k, rk, t0, I * SUB, n, H, i_h, K, SUB, L2NORM) * e_i
+        q_i = load_qk(q, rq, t0, I * SUB, n, H, i_h, K, SUB, L2NORM) * e_i
         d = tl.dot(tl.trans(load_tile(dA, t0, I * SUB, n, H, i_h, C, r0, SUB, SUB)), k_i, input_precision=PREC)
         d += scale * tl.dot(tl.trans(load_tile(dP, t0, I * SUB, n, H, i_h, C, r0, SUB, SUB)), q_i,
                             input_precision=PREC)
@@ -237,10 +238,10 @@ def grads_kernel_b(
         I += 1
     dA_xx = load_tile(dA, t0, r0, n, H, i_h, C, r0, SUB, SUB)
     dP_xx = load_tile(dP, t0, r0, n, H, i_h, C, r0, SUB, SUB)
-    k_x = load_qk_cols(k, rk, t0, r0, n, H, i_h, K, c0, BK, SUB, L2NORM)
-    q_x = load_qk_cols(q, rq, t0, r0, n, H, i_h, K, c0, BK, SUB, L2NORM)
+    k_x = load_qk(k, rk, t0, r0, n, H, i_h, K, SUB, L2NORM)
+    q_x = load_qk(q, rq, t0, r0, n, H, i_h, K, SUB, L2NORM)
     e_x = tl.exp(G_x - G_ax[None, :])
-    if anchor_safe(G, t0, r0, n, H, i_h, K, c0, BK):
+    if anchor_safe(G, t0, r0, n, H, i_h, K, 0, K):
         # Factors here span up to e^SAFE_DECAY, and in dG these row and column terms cancel down to the pairs
         # across a row: single-pass TF32 left the gate gradients of a 64K-token sequence near the lower bound off
         # by 3.6e-2 (dg) and 1e-1 (dA_log, ddt_bias) from fp64; three-pass gives 3.8e-3, 1.3e-3, 3.7e-3 (H100;
@@ -258,34 +259,31 @@ def grads_kernel_b(
         row_p = e_x * row_p + rp
         col += ca + scale * cp
     row_p = row_p * scale
-    dq_hat = load_tile(dq_part, t0, r0, n, H, i_h, K, c0, BK, SUB) + row_p
-    dk_hat = load_tile(dk_part, t0, r0, n, H, i_h, K, c0, BK, SUB) + row_a + col
-    dG = load_tile(dG_part, t0, r0, n, H, i_h, K, c0, BK, SUB) + q_x * row_p + k_x * (row_a - col)
-    store_tile(dq_part, dq_hat, t0, r0, n, H, i_h, K, c0, BK, SUB)
-    store_tile(dk_part, dk_hat, t0, r0, n, H, i_h, K, c0, BK, SUB)
-    store_tile(dG_part, dG, t0, r0, n, H, i_h, K, c0, BK, SUB)
+    dG = load_tile(dG_part, t0, r0, n, H, i_h, K, 0, K, SUB) + q_x * row_p + k_x * (row_a - col)
+    store_tile(dG_part, dG, t0, r0, n, H, i_h, K, 0, K, SUB)
+    dq_hat = load_tile(dq_part, t0, r0, n, H, i_h, K, 0, K, SUB) + row_p
+    dk_hat = load_tile(dk_part, t0, r0, n, H, i_h, K, 0, K, SUB) + row_a + col
+    store_tile(dq, l2norm_bwd(q_x, rq, dq_hat, t0, r0, n, H, i_h, L2NORM), t0, r0, n, H, i_h, K, 0, K, SUB)
+    store_tile(dk, l2norm_bwd(k_x, rk, dk_hat, t0, r0, n, H, i_h, L2NORM), t0, r0, n, H, i_h, K, 0, K, SUB)
 
 
 @triton.jit
-def l2norm_bwd_rows(x, r, dx_hat, dx, t0, r0, n, H, i_h, K: tl.constexpr, L2NORM: tl.constexpr):
-    """``dx = r (dx̂ - x̂ (x̂ · dx̂))`` for rows r0.. (16) of a chunk, with x̂ = r x the normalised row and
-    r = 1 / sqrt(sum x² + eps); without the fused norm dx = dx̂."""
-    d = load_rows(dx_hat, t0, r0, n, H, i_h, K, SUB)
+def l2norm_bwd(x_n, r, dx_n, t0, r0, n, H, i_h, L2NORM: tl.constexpr):
+    """``dx = r (dx̂ - x̂ (x̂ · dx̂))`` for 16 whole rows (r0..) of a chunk: x̂ = r x the normalised rows
+    ``[16, K]``, r = 1 / sqrt(sum x² + eps) read from the ``[T, H]`` tensor r; without the fused norm dx = dx̂."""
     if L2NORM:
-        x_n = load_qk(x, r, t0, r0, n, H, i_h, K, SUB, True)
-        d = load_vec(r, t0, r0, n, H, i_h, SUB)[:, None] * (d - x_n * tl.sum(x_n * d, axis=1)[:, None])
-    store_rows(dx, d, t0, r0, n, H, i_h, K, SUB)
+        dx_n = load_vec(r, t0, r0, n, H, i_h, SUB)[:, None] * (dx_n - x_n * tl.sum(x_n * dx_n, axis=1)[:, None])
+    return dx_n
 
 
 @triton.jit
-def prep_bwd_kernel(
-    q, k, g, rq, rk, A_log, dt_bias, dq_hat, dk_hat, dG_part, dG_last, dq, dk, dg, dA_log_part, ddt_part,
-    chunk_start, chunk_len, lower_bound, H,
-    K: tl.constexpr, HAS_GATE: tl.constexpr, BOUNDED: tl.constexpr, L2NORM: tl.constexpr,
+def gate_bwd_kernel(
+    g, A_log, dt_bias, dG, dG_last, dg, dA_log_part, ddt_part, chunk_start, chunk_len, lower_bound, H,
+    K: tl.constexpr, HAS_GATE: tl.constexpr, BOUNDED: tl.constexpr,
 ):
-    """Backward of :func:`prep_kernel`, one program per (chunk, head), 16 rows at a time: the reverse cumsum
-    from dG to dg, the gate activation's backward (with per-chunk partial sums for dA_log and ddt_bias), and
-    the L2 norm's (which needs whole rows of K)."""
+    """Backward of the pre-processing's gate, one program per (chunk, head), 16 rows at a time: the reverse
+    cumsum from dG to dg and the gate activation's backward (with per-chunk partial sums for dA_log and
+    ddt_bias)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0 = tl.load(chunk_start + i_c)
     n = tl.load(chunk_len + i_c)
@@ -299,10 +297,10 @@ def prep_bwd_kernel(
         ddt_acc = tl.zeros([K], dtype=tl.float32)
     for X in range(3, -1, -1):  # last block first: the reverse cumsum carries from later rows
         r0 = X * SUB
-        dG = load_rows(dG_part, t0, r0, n, H, i_h, K, SUB)
+        dG_x = load_rows(dG, t0, r0, n, H, i_h, K, SUB)
         # g -> G is a cumsum inside the chunk, so dg is the reverse cumsum of dG (plus what later blocks carry)
-        dgx = tl.sum(dG, axis=0)[None, :] - tl.cumsum(dG, axis=0) + dG + carry[None, :]
-        carry += tl.sum(dG, axis=0)
+        dgx = tl.sum(dG_x, axis=0)[None, :] - tl.cumsum(dG_x, axis=0) + dG_x + carry[None, :]
+        carry += tl.sum(dG_x, axis=0)
         if HAS_GATE:
             valid = ((r0 + tl.arange(0, SUB)) < n)[:, None]
             x = load_rows(g, t0, r0, n, H, i_h, K, SUB) + dt[None, :]
@@ -319,8 +317,6 @@ def prep_bwd_kernel(
             store_rows(dg, dx, t0, r0, n, H, i_h, K, SUB)
         else:
             store_rows(dg, dgx, t0, r0, n, H, i_h, K, SUB)
-        l2norm_bwd_rows(q, rq, dq_hat, dq, t0, r0, n, H, i_h, K, L2NORM)
-        l2norm_bwd_rows(k, rk, dk_hat, dk, t0, r0, n, H, i_h, K, L2NORM)
     if HAS_GATE:
         tl.store(dA_log_part + i_c.to(tl.int64) * H + i_h, tl.sum(dA_log_acc, axis=0))
         tl.store(ddt_part + (i_c.to(tl.int64) * H + i_h) * K + cols, ddt_acc)
