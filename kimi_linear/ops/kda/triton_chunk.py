@@ -244,7 +244,8 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
     gate_bwd_kernel[grid](
         g, A_log if has_gate else G, dt_bias if has_gate else G, dG_part, dG_last, dg,
         dA_log_part if has_gate else G, ddt_part if has_gate else G, chunks.start, chunks.length,
-        float(lower_bound or 0.0), H, K=K, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, num_warps=2,
+        float(lower_bound or 0.0), H, K=K, HAS_GATE=has_gate, BOUNDED=lower_bound is not None,
+        num_warps=1,  # H100, 1 x 65536: 0.92 ms (1.20 at 2 warps, 2.3 at 4)
     )
     dA_log = dA_log_part.sum(0).view_as(A_log) if has_gate else None
     ddt_bias = ddt_part.sum(0).view_as(dt_bias) if has_gate else None
