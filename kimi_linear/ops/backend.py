@@ -7,7 +7,9 @@ so it can be flipped between steps (benchmarks and tests compare the two paths t
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 
 import torch
 
@@ -35,6 +37,16 @@ def use_kernel(x: torch.Tensor, *, supported: bool = True) -> bool:
     the PyTorch path, so forcing ``triton`` never silently drops a gradient."""
     choice = backend()
     return supported and (choice == "triton" or (choice == "auto" and x.is_cuda))
+
+
+def kernel_module(x: torch.Tensor, name: str, *inputs: torch.Tensor) -> ModuleType | None:
+    """The Triton module ``name`` when an op on ``x`` should run it (:func:`use_kernel`) and the module's
+    ``supports(*inputs)`` accepts the inputs, else None. The import happens only then: a CPU-only install may
+    have no Triton."""
+    if not use_kernel(x):
+        return None
+    module = importlib.import_module(name)
+    return module if module.supports(*inputs) else None
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:

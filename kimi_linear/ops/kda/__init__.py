@@ -28,20 +28,12 @@ from __future__ import annotations
 
 import torch
 
-from kimi_linear.ops.backend import set_backend, use_kernel
+from kimi_linear.ops.backend import kernel_module, set_backend
 from kimi_linear.ops.kda.chunk import chunk_kda as chunk_kda_torch
 from kimi_linear.ops.kda.naive import naive_recurrent_kda
 from kimi_linear.ops.kda.recurrent import fused_recurrent_kda
 
 __all__ = ["chunk_kda", "chunk_kda_torch", "fused_recurrent_kda", "naive_recurrent_kda", "set_backend"]
-
-
-def _use_triton(q: torch.Tensor, v: torch.Tensor) -> bool:
-    if not use_kernel(q):  # decided before the import: a CPU-only install may have no Triton
-        return False
-    from kimi_linear.ops.kda import triton_chunk
-
-    return triton_chunk.supports(q, v)
 
 
 def chunk_kda(
@@ -53,8 +45,7 @@ def chunk_kda(
     **kwargs,
 ) -> tuple[torch.Tensor, ...]:
     """Chunkwise KDA (the contract above), on the backend chosen by :func:`set_backend`."""
-    if _use_triton(q, v):
-        from kimi_linear.ops.kda.triton_chunk import chunk_kda_triton
-
-        return chunk_kda_triton(q, k, v, g, beta, **kwargs)
+    kernels = kernel_module(q, "kimi_linear.ops.kda.triton_chunk", q, v)
+    if kernels is not None:
+        return kernels.chunk_kda_triton(q, k, v, g, beta, **kwargs)
     return chunk_kda_torch(q, k, v, g, beta, **kwargs)

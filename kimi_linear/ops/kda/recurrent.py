@@ -13,17 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from kimi_linear.ops.backend import use_kernel
+from kimi_linear.ops.backend import kernel_module
 from kimi_linear.ops.kda.gate import prepare_kda_inputs
 from kimi_linear.ops.kda.naive import naive_recurrent_kda
-
-
-def _use_triton(q: torch.Tensor, v: torch.Tensor) -> bool:
-    if not use_kernel(q):  # decided before the import: a CPU-only install may have no Triton
-        return False
-    from kimi_linear.ops.kda import triton_recurrent
-
-    return triton_recurrent.supports(q, v)
 
 
 @torch.no_grad()
@@ -49,10 +41,9 @@ def fused_recurrent_kda(
     ``chunk_kda``); state_pool ``[P, H, K, V]`` fp32, updated in place at rows ``state_indices`` ``[N]`` (int).
     Returns o ``[N, T, H, V]`` in v's dtype. Slot indices must be distinct apart from negative (padding) ones.
     """
-    if _use_triton(q, v):
-        from kimi_linear.ops.kda.triton_recurrent import fused_recurrent_kda_triton
-
-        return fused_recurrent_kda_triton(
+    kernels = kernel_module(q, "kimi_linear.ops.kda.triton_recurrent", q, v)
+    if kernels is not None:
+        return kernels.fused_recurrent_kda_triton(
             q, k, v, g, beta, state_pool=state_pool, state_indices=state_indices, scale=scale, A_log=A_log,
             dt_bias=dt_bias, lower_bound=lower_bound, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
             use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
