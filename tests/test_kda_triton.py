@@ -95,7 +95,7 @@ def test_matches_torch_chunk(T, gate):
 @pytest.mark.parametrize("K,V,gate", [(128, 64, "bounded"), (128, 32, "steep"), (64, 128, "released"),
                                       (256, 256, "bounded")])
 def test_wide_heads_match_torch_chunk(K, V, gate):
-    """Head sizes above 64 take the kernels' sliced paths (K split across programs, W/U/V in 64-column slices)."""
+    """Head sizes above 64 take the kernels' sliced paths (K and V in 64-channel slices inside a program)."""
     x = make_inputs(50, 1, K, V, seed=K + V, gate=gate)
     # one head: dA_log is a single sum whose terms cancel ~200-fold here (sum |terms| / |sum|), which turns
     # dg's ~3e-6 fp32 error into ~5e-4 (the old single-program kernel gave the same numbers)

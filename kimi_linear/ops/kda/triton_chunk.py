@@ -6,7 +6,7 @@ Gate activation, q/k L2 norm and beta sigmoid run inside the kernels; gradients 
 
 Intermediates (W, U, Aqk, the per-chunk states) are kept in the inputs' dtype when that is bf16/fp16 and in fp32
 otherwise; the cumulative log-decay, the UT-transform inverse, the running state and every gradient
-accumulator stay fp32.
+accumulator stay fp32, except grads A's share of dq, which is stored in the inputs' dtype (see ``_backward``).
 """
 
 from __future__ import annotations

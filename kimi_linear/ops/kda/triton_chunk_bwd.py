@@ -259,12 +259,12 @@ def grads_kernel_b(
         row_p = e_x * row_p + rp
         col += ca + scale * cp
     row_p = row_p * scale
-    dG = load_tile(dG_part, t0, r0, n, H, i_h, K, 0, K, SUB) + q_x * row_p + k_x * (row_a - col)
-    store_tile(dG_part, dG, t0, r0, n, H, i_h, K, 0, K, SUB)
-    dq_hat = load_tile(dq_part, t0, r0, n, H, i_h, K, 0, K, SUB) + row_p
-    dk_hat = load_tile(dk_part, t0, r0, n, H, i_h, K, 0, K, SUB) + row_a + col
-    store_tile(dq, l2norm_bwd(q_x, rq, dq_hat, t0, r0, n, H, i_h, L2NORM), t0, r0, n, H, i_h, K, 0, K, SUB)
-    store_tile(dk, l2norm_bwd(k_x, rk, dk_hat, t0, r0, n, H, i_h, L2NORM), t0, r0, n, H, i_h, K, 0, K, SUB)
+    dG = load_rows(dG_part, t0, r0, n, H, i_h, K, SUB) + q_x * row_p + k_x * (row_a - col)
+    store_rows(dG_part, dG, t0, r0, n, H, i_h, K, SUB)
+    dq_hat = load_rows(dq_part, t0, r0, n, H, i_h, K, SUB) + row_p
+    dk_hat = load_rows(dk_part, t0, r0, n, H, i_h, K, SUB) + row_a + col
+    store_rows(dq, l2norm_bwd(q_x, rq, dq_hat, t0, r0, n, H, i_h, L2NORM), t0, r0, n, H, i_h, K, SUB)
+    store_rows(dk, l2norm_bwd(k_x, rk, dk_hat, t0, r0, n, H, i_h, L2NORM), t0, r0, n, H, i_h, K, SUB)
 
 
 @triton.jit
@@ -299,8 +299,9 @@ def gate_bwd_kernel(
         r0 = X * SUB
         dG_x = load_rows(dG, t0, r0, n, H, i_h, K, SUB)
         # g -> G is a cumsum inside the chunk, so dg is the reverse cumsum of dG (plus what later blocks carry)
-        dgx = tl.sum(dG_x, axis=0)[None, :] - tl.cumsum(dG_x, axis=0) + dG_x + carry[None, :]
-        carry += tl.sum(dG_x, axis=0)
+        block_sum = tl.sum(dG_x, axis=0)
+        dgx = block_sum[None, :] - tl.cumsum(dG_x, axis=0) + dG_x + carry[None, :]
+        carry += block_sum
         if HAS_GATE:
             valid = ((r0 + tl.arange(0, SUB)) < n)[:, None]
             x = load_rows(g, t0, r0, n, H, i_h, K, SUB) + dt[None, :]
