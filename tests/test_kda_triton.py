@@ -253,11 +253,12 @@ def test_gpu_batch_invariance_causality_and_packing():
     assert torch.equal(o_p.view_as(o), o) and torch.equal(f_p, f)
 
 
-@gpu
-def test_gpu_grads_causal():
-    x = make_inputs(200, 2, 128, 128, seed=14, gate="bounded", dtype=torch.bfloat16)
-    o, _ = chunk_kda_triton(**{n: t for n, t in x.items()}, **options("bounded"))
-    t = 100
+def test_grads_causal():
+    """A loss on outputs before token t gives every input from t on a gradient of exactly zero (any rounding that
+    mixes later rows in, such as a reverse cumsum taken as total - prefix on the GPU, shows up here)."""
+    T, D, t = (200, 128, 100) if CUDA else (100, 32, 60)
+    x = make_inputs(T, 2, D, D, seed=14, gate="bounded", dtype=torch.bfloat16 if CUDA else torch.float32)
+    o, _ = chunk_kda_triton(**x, **options("bounded"))
     grads = torch.autograd.grad(o[:, :t].float().sum(), [x["q"], x["k"], x["v"], x["g"], x["beta"]])
     for gr in grads:
         assert not gr[:, t:].any()

@@ -7,6 +7,9 @@ Gate activation, q/k L2 norm and beta sigmoid run inside the kernels; gradients 
 Intermediates (W, U, Aqk, the per-chunk states) are kept in the inputs' dtype when that is bf16/fp16 and in fp32
 otherwise; the cumulative log-decay, the UT-transform inverse, the running state and every gradient
 accumulator stay fp32, except grads A's share of dq, which is stored in the inputs' dtype (see ``_backward``).
+With 16-bit inputs the products whose errors kda_accuracy.md shows unchanged take bf16 operands (the score
+products, three of grads A's), the rest TF32, and the backward's anchored diagonal products split bf16 (about
+16 bits); fp32 inputs take three-pass TF32 everywhere.
 """
 
 from __future__ import annotations
@@ -108,10 +111,8 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
     A = torch.empty(T, H, CHUNK, **f32)
     scores_kernel[(chunks.count * 4, H)](
         q, k, G, rq, rk, P, A, chunks.start, chunks.length, scale, H,
-        # H100, 1 x 65536: 2.7 ms at BK = 128; 3.0-5.2 ms for BK = 32 / 64 or 2-4 warps. fp32 inputs take
-        # BK = 64: at 128 two fp32 slices (K = 256) need 258 KB of shared memory
-        K=K, C=CHUNK, BK=min(K, 64 if cdt == torch.float32 else 128), L2NORM=l2norm, PREC=_precision(cdt),
-        num_warps=8,
+        K=K, C=CHUNK, L2NORM=l2norm, PREC=_precision(cdt),
+        num_warps=2,  # H100, 1 x 65536: 2.0 ms (4.0 at 1 warp, 3.2 at 4)
     )
     intra_kernel[grid](
         q, k, v, G, beta_f, rq, rk, W, U, M, A, qg, kg, chunks.start, chunks.length, scale, H,
@@ -137,8 +138,8 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
 
 def _precision(cdt: torch.dtype) -> str:
     """How the kernels run fp32 matrix products: TF32 when the inputs are bf16/fp16 (its rounding is finer than
-    theirs), three-pass TF32 (about fp32 accuracy) when the caller passed fp32. The backward's anchored products
-    on diagonal blocks always take three-pass (see :func:`triton_chunk_bwd.grads_kernel_b`)."""
+    theirs), three-pass TF32 (about fp32 accuracy) when the caller passed fp32. The kernels read "tf32" as "16-bit
+    inputs" (see :func:`triton_common.bf16_operand` and :func:`triton_common.split_dot`)."""
     return "tf32x3" if cdt == torch.float32 else "tf32"
 
 
@@ -225,8 +226,9 @@ def _backward(q, k, v, g, beta, A_log, dt_bias, h0, do, dfinal, saved, chunks, s
         q, k, v, rq, rk, G, saved["beta_f"], saved["M"], saved["A"], saved["h"], saved["v_new"], do, dh,
         dv_new, dA, dP, dq_part, dk_part, dG_part, dG_last, dbeta, dv, chunks.start, chunks.length, scale, H,
         K=K, V=V, BK=min(K, 64), BV=min(V, 64), C=CHUNK, L2NORM=l2norm, SIGMOID=sigmoid, PREC=_precision(cdt),
-        num_warps=8,  # H100, 1 x 65536: 10.1 ms; 10.2-12.9 ms for BK, BV in {32, 64}, 13-20 ms at 4 warps
-        num_stages=2,  # 3 needs 289 KB of shared memory at fp32, K = 128, V = 64 (bf16 uses 96 KB either way)
+        num_warps=8,  # H100, 1 x 65536: 8.1 ms; 12.7 at 4 warps (and 10.2-12.9 ms for other BK, BV in {32, 64})
+        # H100, 1 x 65536: 8.1 ms at 3 stages, 8.5 at 2, 9.7 at 1; fp32 inputs need 289 KB of shared memory at 3
+        num_stages=3 if cdt != torch.float32 else 2,
     )
     # 3. per 16-row block: the gradients through the decayed scores, finishing dq and dk
     dq, dk = torch.empty_like(q), torch.empty_like(k)

@@ -22,6 +22,7 @@ import triton.language as tl
 from kimi_linear.ops.kda.triton_common import (
     SUB,
     anchor_safe,
+    bf16_operand,
     first_row,
     load_G,
     load_G_cols,
@@ -34,6 +35,7 @@ from kimi_linear.ops.kda.triton_common import (
     load_tile,
     load_tile_native,
     load_vec,
+    split_dot,
     state_program,
     store_rows,
     store_tile,
@@ -109,6 +111,7 @@ def grads_kernel_a(
     cdt = v_new.dtype.element_ty
     b = load_vec(beta_f, t0, 0, n, H, i_h, C)
     m = load_rows(M, t0, 0, n, H, i_h, C, C)
+    m_op = bf16_operand(m, PREC)
 
     # through O = P V' (dP = dO V'^T) and U = M β V (dU = dV': dv, dβ, dM)
     dp = tl.zeros([C, C], dtype=tl.float32)
@@ -119,7 +122,8 @@ def grads_kernel_a(
         dp += tl.dot(d_o, tl.trans(load_tile_native(v_new, t0, 0, n, H, i_h, V, iv * BV, BV, C)), input_precision=PREC)
         dvn = load_tile(dv_new, t0, 0, n, H, i_h, V, iv * BV, BV, C)
         vt = load_tile(v, t0, 0, n, H, i_h, V, iv * BV, BV, C)
-        dx_u = tl.dot(tl.trans(m), dvn, input_precision=PREC)
+        dx_u = tl.dot(tl.trans(m_op), bf16_operand(dvn, PREC), input_precision=PREC)
+        # TF32 here: with bf16 operands dA_log's error at 64K near the gate's bound rose from 7e-5 to 3.5e-4
         dM += tl.dot(dvn, tl.trans(b[:, None] * vt), input_precision=PREC)
         db += tl.sum(dx_u * vt, axis=1)
         store_tile(dv, b[:, None] * dx_u, t0, 0, n, H, i_h, V, iv * BV, BV, C)
@@ -157,8 +161,10 @@ def grads_kernel_a(
         tl.store(dG_last + (i_c.to(tl.int64) * H + i_h) * K + c0 + tl.arange(0, BK),
                  tl.sum(dkg_s, axis=0) + tl.exp(G_end) * dgl)
         bgk = b[:, None] * gam * k_s
-        dM += tl.dot(dW, tl.trans(bgk), input_precision=PREC)
-        dx_w = tl.dot(tl.trans(m), dW, input_precision=PREC)
+        # bf16 operands (H100, 1 x 65536: 1.2 ms of this kernel's 9.7; every error in kda_accuracy.md unchanged)
+        dW_op = bf16_operand(dW, PREC)
+        dM += tl.dot(dW_op, tl.trans(bf16_operand(bgk, PREC)), input_precision=PREC)
+        dx_w = tl.dot(tl.trans(m_op), dW_op, input_precision=PREC)
         db += tl.sum(dx_w * gam * k_s, axis=1)
         store_tile(dk_part, dk_s + b[:, None] * gam * dx_w, t0, 0, n, H, i_h, K, c0, BK, C)
         store_tile(dG_part, dG - dkg_s + dx_w * bgk, t0, 0, n, H, i_h, K, c0, BK, C)
@@ -244,13 +250,14 @@ def grads_kernel_b(
     if anchor_safe(G, t0, r0, n, H, i_h, K, 0, K):
         # Factors here span up to e^SAFE_DECAY, and in dG these row and column terms cancel down to the pairs
         # across a row: single-pass TF32 left the gate gradients of a 64K-token sequence near the lower bound off
-        # by 3.6e-2 (dg) and 1e-1 (dA_log, ddt_bias) from fp64; three-pass gives 3.8e-3, 1.3e-3, 3.7e-3 (H100;
-        # fla-core 0.6.0: 4.3e-3, 2.5e-3, 4.3e-3) for +0.8 ms at 1 x 65536, H = 32. Off-diagonal blocks need not.
+        # by 3.6e-2 (dg) and 1e-1 (dA_log, ddt_bias) from fp64 (fla-core 0.6.0: 4.3e-3, 2.5e-3, 4.3e-3). Split
+        # bf16 products give 2.7e-3, 1.5e-5, 1.8e-3 (three-pass TF32: 2.7e-3, 7e-5, 1.8e-3, 0.55 ms slower at
+        # 1 x 65536, H = 32). Off-diagonal blocks need neither.
         e_inv = tl.exp(G_ax[None, :] - G_x)
-        row_a = e_x * (row_a + tl.dot(dA_xx, k_x * e_inv, input_precision="tf32x3"))
-        row_p = e_x * (row_p + tl.dot(dP_xx, k_x * e_inv, input_precision="tf32x3"))
-        d = tl.dot(tl.trans(dA_xx), k_x * e_x, input_precision="tf32x3")
-        d += scale * tl.dot(tl.trans(dP_xx), q_x * e_x, input_precision="tf32x3")
+        row_a = e_x * (row_a + split_dot(dA_xx, k_x * e_inv, PREC))
+        row_p = e_x * (row_p + split_dot(dP_xx, k_x * e_inv, PREC))
+        d = split_dot(tl.trans(dA_xx), k_x * e_x, PREC)
+        d += scale * split_dot(tl.trans(dP_xx), q_x * e_x, PREC)
         col += e_inv * d
     else:
         ra, ca = exact_diag_grads(dA_xx, k_x, k_x, G_x, SUB)
@@ -298,10 +305,11 @@ def gate_bwd_kernel(
     for X in range(3, -1, -1):  # last block first: the reverse cumsum carries from later rows
         r0 = X * SUB
         dG_x = load_rows(dG, t0, r0, n, H, i_h, K, SUB)
-        # g -> G is a cumsum inside the chunk, so dg is the reverse cumsum of dG (plus what later blocks carry)
-        block_sum = tl.sum(dG_x, axis=0)
-        dgx = block_sum[None, :] - tl.cumsum(dG_x, axis=0) + dG_x + carry[None, :]
-        carry += block_sum
+        # g -> G is a cumsum inside the chunk, so dg is the reverse cumsum of dG (plus what later blocks carry);
+        # a true reverse scan, not block sum - cumsum + dG, whose rounding leaked ~1e-9 into rows after the last
+        # one with a gradient (a causality test caught it)
+        dgx = tl.cumsum(dG_x, axis=0, reverse=True) + carry[None, :]
+        carry += tl.sum(dG_x, axis=0)
         if HAS_GATE:
             valid = ((r0 + tl.arange(0, SUB)) < n)[:, None]
             x = load_rows(g, t0, r0, n, H, i_h, K, SUB) + dt[None, :]

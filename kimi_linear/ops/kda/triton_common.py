@@ -180,6 +180,32 @@ def load_state_or_zeros(ptr, offs, GIVEN: tl.constexpr, K: tl.constexpr, BV: tl.
 
 
 @triton.jit
+def bf16_operand(x, PREC: tl.constexpr):
+    """x as an operand of a tensor-core product: rounded to bf16 when the inputs are 16-bit (PREC "tf32"), which
+    doubles the product rate and halves its shared memory; fp32 inputs (PREC "tf32x3") keep fp32. bf16 even for
+    fp16 inputs: the anchored operands reach e^SAFE_DECAY, far past fp16's range."""
+    if PREC == "tf32":
+        x = x.to(tl.bfloat16)
+    return x
+
+
+@triton.jit
+def split_dot(a, b, PREC: tl.constexpr):
+    """fp32 ``a @ b`` to about 16 bits of mantissa: for 16-bit inputs (PREC "tf32") three bf16 products of the
+    operands split into high and low halves (hi·hi + lo·hi + hi·lo), half the cost of three-pass TF32; for
+    fp32 inputs three-pass TF32 (about fp32)."""
+    if PREC == "tf32":
+        a_hi = a.to(tl.bfloat16)
+        b_hi = b.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        out = tl.dot(a_hi, b_hi) + tl.dot(a_lo, b_hi) + tl.dot(a_hi, b_lo)
+    else:
+        out = tl.dot(a, b, input_precision="tf32x3")
+    return out
+
+
+@triton.jit
 def first_row(x, R: tl.constexpr):
     """Row 0 of an ``[R, D]`` tile, as a ``[D]`` vector."""
     return tl.sum(tl.where((tl.arange(0, R) == 0)[:, None], x, 0.0), axis=0)
