@@ -69,12 +69,12 @@ def state_bwd_step(dS, c, bos, eos, c0, i_v, i_h, do, P, qg, kg, W, G, dh, dv_ne
 def state_bwd_kernel(
     do, P, qg, kg, W, G, dhT, dh, dv_new, dh0, cu_seqlens, chunk_offset, H,
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_DHT: tl.constexpr,
-    PIPELINE: tl.constexpr, PREC: tl.constexpr,
+    STAGES: tl.constexpr, PREC: tl.constexpr,
 ):
     i_v, i_h, bos, eos, c0, n_chunks, state_offs = state_program(cu_seqlens, chunk_offset, H, K, V, BV, C)
     dS = load_state_or_zeros(dhT, state_offs, HAS_DHT, K, BV)
-    if PIPELINE:  # see state_out_kernel
-        for i in tl.range(0, n_chunks, num_stages=2):
+    if STAGES > 1:  # see state_out_kernel
+        for i in tl.range(0, n_chunks, num_stages=STAGES):
             dS = state_bwd_step(dS, n_chunks - 1 - i, bos, eos, c0, i_v, i_h, do, P, qg, kg, W, G, dh, dv_new, H,
                                 K, V, BV, C, PREC)
     else:

@@ -251,16 +251,16 @@ def state_out_step(S, i, bos, eos, c0, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new
 def state_out_kernel(
     W, U, P, qg, kg, G, o, h0, hT, h, v_new, cu_seqlens, chunk_offset, H,
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_H0: tl.constexpr,
-    STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_V: tl.constexpr, PIPELINE: tl.constexpr, PREC: tl.constexpr,
+    STORE_HT: tl.constexpr, STORE_H: tl.constexpr, STORE_V: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program owns the state columns [i_v·BV, (i_v+1)·BV) of one (sequence, head) and walks its chunks."""
     i_v, i_h, bos, eos, c0, n_chunks, state_offs = state_program(cu_seqlens, chunk_offset, H, K, V, BV, C)
     S = load_state_or_zeros(h0, state_offs, HAS_H0, K, BV)
-    if PIPELINE:  # compiled: a pipelined loop prefetches the next chunk's tiles
-        for i in tl.range(0, n_chunks, num_stages=2):
+    if STAGES > 1:  # compiled: a pipelined loop prefetches the next chunks' tiles
+        for i in tl.range(0, n_chunks, num_stages=STAGES):
             S = state_out_step(S, i, bos, eos, c0, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H, K, V, BV, C,
                                STORE_H, STORE_V, PREC)
-    else:  # the interpreter (numpy >= 2.3) cannot take a run-time trip count in range()
+    else:  # no prefetch; and the interpreter (numpy >= 2.3) cannot take a run-time trip count in range()
         i = 0
         while i < n_chunks:
             S = state_out_step(S, i, bos, eos, c0, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H, K, V, BV, C,
