@@ -12,6 +12,7 @@ terms cancel. Prints a table; writes kda_accuracy.json / .md to benchmarks/resul
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -69,11 +70,30 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def run(results_dir: Path | None, wanted: tuple[str, ...] = ("ours", "fla")) -> list[dict]:
+def keep_earlier(results_dir: Path, meta: dict, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Add the rows of the implementations this run left out from the kda_accuracy.json already in results_dir,
+    if it was measured on the same device with the same versions (fla's errors need no re-run when only ours
+    changed: its code and the inputs are fixed); the commands of both runs are recorded."""
+    old = results_dir / "kda_accuracy.json"
+    if not old.exists():
+        return meta, rows
+    before = json.loads(old.read_text())
+    keys = ("device", "torch", "triton", "fla-core")
+    if any(before["meta"].get(key) != meta.get(key) for key in keys):
+        raise SystemExit(f"--append: {old} was measured with {before['meta']}, this run is {meta}")
+    ran = {r["impl"] for r in rows}
+    cases = [c[0] for c in CASES]
+    merged = sorted([r for r in before["rows"] if r["impl"] not in ran] + rows,
+                    key=lambda r: (cases.index(r["case"]), r["impl"] != "ours"))
+    command = "; ".join(dict.fromkeys([*before["meta"]["command"].split("; "), meta["command"]]))
+    return meta | {"command": command}, merged
+
+
+def run(results_dir: Path | None, wanted: tuple[str, ...] = ("ours", "fla"), append: bool = False) -> list[dict]:
     meta = environment() | {"fla-core": fla_version()}
     available = {"ours": kda.ours} | ({"fla": kda.fla} if meta["fla-core"] else {})
     impls = {n: fn for n, fn in available.items() if n in wanted}
-    rows = []
+    rows, shown = [], []
     for name, B, T, H, lower_bound, dt_bias in CASES:
         x = case_inputs(B, T, H, dt_bias)
         ref = outputs_and_grads(reference, x, lower_bound)
@@ -82,19 +102,22 @@ def run(results_dir: Path | None, wanted: tuple[str, ...] = ("ours", "fla")) -> 
             rows.append({"case": name, "impl": impl} | {r: f"{rel_err(got[r], ref[r]):.1e}" for r in RESULTS})
             print(rows[-1], flush=True)
         del ref
-        table = markdown_table(rows, ["case", "impl", *RESULTS])
+        shown_meta, shown = keep_earlier(results_dir, meta, rows) if append and results_dir else (meta, rows)
+        table = markdown_table(shown, ["case", "impl", *RESULTS])
         if results_dir is not None:  # after every case: a run cut short still leaves its rows
-            write_results("kda_accuracy", meta, rows, table, results_dir)
+            write_results("kda_accuracy", shown_meta, shown, table, results_dir)
     print(table)
-    return rows
+    return shown
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--impls", default="ours,fla", help="which implementations to check")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the other implementations' rows of an earlier run (same device and versions)")
     args = parser.parse_args()
-    run(args.results_dir, tuple(args.impls.split(",")))
+    run(args.results_dir, tuple(args.impls.split(",")), args.append)
 
 
 if __name__ == "__main__":
