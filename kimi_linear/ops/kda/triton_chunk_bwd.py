@@ -35,6 +35,7 @@ from kimi_linear.ops.kda.triton_common import (
     load_tile,
     load_tile_native,
     load_vec,
+    softplus_exp,
     split_dot,
     state_program,
     store_rows,
@@ -320,9 +321,8 @@ def gate_bwd_kernel(
                 dx = dgx * dgate * a_h
                 dA_log_acc += tl.sum(tl.where(valid, dx * x, 0.0), axis=0)
             else:
-                e = tl.exp(tl.minimum(x, 20.0))
-                softplus = tl.where(x > 20.0, x, tl.log(1.0 + e))
-                dx = -dgx * a_h * (e / (1.0 + e))  # sigmoid(x), from softplus's exponential
+                softplus, e = softplus_exp(x)
+                dx = -dgx * a_h * (e / (1.0 + e))  # sigmoid(x)
                 dA_log_acc += tl.sum(tl.where(valid, -dgx * a_h * softplus, 0.0), axis=0)
             ddt_acc += tl.sum(tl.where(valid, dx, 0.0), axis=0)
             store_rows(dg, dx, t0, r0, n, H, i_h, K, SUB)

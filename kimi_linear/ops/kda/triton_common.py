@@ -114,14 +114,22 @@ def load_qk_cols(ptr, rnorm_ptr, t0, r0, n, H, i_h, K: tl.constexpr, c0, D: tl.c
 
 
 @triton.jit
+def softplus_exp(x):
+    """softplus(x) with PyTorch's threshold (x for x > 20, else log(1 + e^x)), and the exponential it took,
+    e = e^min(x, 20), from which a backward gets sigmoid(x) = e / (1 + e) without a second exponential."""
+    e = tl.exp(tl.minimum(x, 20.0))
+    return tl.where(x > 20.0, x, tl.log(1.0 + e)), e
+
+
+@triton.jit
 def gate_fwd(f, a, dt, lower_bound, BOUNDED: tl.constexpr):
     """g from the raw gate f ``[R, K]``: a = exp(A_log[h]) (scalar), dt = dt_bias[h] ``[K]`` (see gate.py)."""
     x = f + dt[None, :]
     if BOUNDED:
         g = lower_bound * tl.sigmoid(a * x)
     else:
-        # softplus with PyTorch's threshold: x for x > 20, else log(1 + e^x)
-        g = -a * tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+        softplus, _ = softplus_exp(x)
+        g = -a * softplus
     return g
 
 

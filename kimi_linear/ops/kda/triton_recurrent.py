@@ -21,17 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kimi_linear.ops.kda.triton_common import softplus_exp
 from kimi_linear.ops.kda.validate import check_gate_options
 
 # Gate modes of the kernel (a constexpr): g is already the log-decay, the released softplus gate, or the
 # bounded sigmoid gate.
 _GATE_NONE, _GATE_SOFTPLUS, _GATE_BOUNDED = 0, 1, 2
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + e^x) without overflow: max(x, 0) + log(1 + e^-|x|).
-    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
 @triton.jit
@@ -74,7 +69,8 @@ def _kda_decode_kernel(
                 b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q) + 1e-6)
                 b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k) + 1e-6)
             if GATE == 1:
-                b_g = -a * _softplus(b_g + bias)
+                softplus, _ = softplus_exp(b_g + bias)
+                b_g = -a * softplus
             elif GATE == 2:
                 b_g = lower_bound * tl.sigmoid(a * (b_g + bias))
             if BETA_SIGMOID:
