@@ -58,7 +58,7 @@ def prep_kernel(
     if HAS_GATE:
         a = tl.exp(tl.load(A_log + i_h))
         dt = tl.load(dt_bias + i_h * K + tl.arange(0, K))
-        gt = tl.where((rows < n)[:, None], gate_fwd(gt, a, dt, lower_bound, BOUNDED), 0.0)
+        gt = tl.where((rows < n)[:, None], gate_fwd(gt + dt[None, :], a, lower_bound, BOUNDED), 0.0)
     store_rows(G_out, tl.cumsum(gt, axis=0), t0, 0, n, H, i_h, K, C)
     b = load_vec(beta, t0, 0, n, H, i_h, C)
     if SIGMOID:

@@ -122,9 +122,9 @@ def softplus_exp(x):
 
 
 @triton.jit
-def gate_fwd(f, a, dt, lower_bound, BOUNDED: tl.constexpr):
-    """g from the raw gate f ``[R, K]``: a = exp(A_log[h]) (scalar), dt = dt_bias[h] ``[K]`` (see gate.py)."""
-    x = f + dt[None, :]
+def gate_fwd(x, a, lower_bound, BOUNDED: tl.constexpr):
+    """The log-decay g from x = raw gate + dt_bias (any shape; a = exp(A_log[h]), a scalar; see gate.py): the
+    bounded ``lower_bound * sigmoid(a x)`` or the released ``-a softplus(x)``. The chunk and decode kernels share it."""
     if BOUNDED:
         g = lower_bound * tl.sigmoid(a * x)
     else:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.kda.triton_common import softplus_exp
+from kimi_linear.ops.kda.triton_common import gate_fwd
 from kimi_linear.ops.kda.validate import check_gate_options
 
 # Gate modes of the kernel (a constexpr): g is already the log-decay, the released softplus gate, or the
@@ -68,11 +68,8 @@ def _kda_decode_kernel(
             if L2NORM:
                 b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q) + 1e-6)
                 b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k) + 1e-6)
-            if GATE == 1:
-                softplus, _ = softplus_exp(b_g + bias)
-                b_g = -a * softplus
-            elif GATE == 2:
-                b_g = lower_bound * tl.sigmoid(a * (b_g + bias))
+            if GATE != 0:
+                b_g = gate_fwd(b_g + bias, a, lower_bound, GATE == 2)
             if BETA_SIGMOID:
                 b_beta = tl.sigmoid(b_beta)
             b_q = b_q * scale
