@@ -5,7 +5,8 @@
 Both KDA ops run the model's hot path: raw gate, q/k L2 norm and beta sigmoid inside the op. ``ours`` uses the
 bounded gate (``lower_bound=-5``, what fla's ``safe_gate=True`` runs); ``ours_released`` the released model's
 unbounded gate, whose diagonal blocks need exact pairwise exponentials. Times are ``triton.testing.do_bench``
-medians. fwd runs under ``torch.no_grad`` (prefill); fwd+bwd is one forward and one backward with all grads.
+medians. fwd runs under ``torch.no_grad`` (prefill: our op then takes its two-launch path over 16-token chunks);
+fwd+bwd is one forward and one backward with all grads (our autograd op, 64-token chunks).
 Roofline per shape: bytes = one read of q, k, v, raw gate (bf16), beta and one write of o (fwd; fwd+bwd adds
 reading do and writing dq, dk, dv, dg); FLOPs = the paper's 6Td² + 3TCd + TC² per head for the forward and
 three times that for fwd+bwd. At the end it runs ``benchmarks/kda_decode.py``'s ``run`` (decode step) if present.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -172,29 +174,36 @@ def _fwd_bwd(x: dict, lower_bound: float | None, do: torch.Tensor) -> None:
     ours(x, lower_bound)[0].backward(do)
 
 
+@torch.no_grad()
+def _prefill(x: dict, lower_bound: float | None) -> None:
+    ours(x, lower_bound)
+
+
 def profile(shapes, results_dir: str | Path | None) -> list[dict]:
-    """Device time of each kernel in one forward+backward of ours (bounded and released gates), from
-    torch.profiler; written to ``kda_kernels.json`` / ``.md``."""
+    """Device time of each kernel in one forward+backward of ours and in one forward without autograd (prefill),
+    bounded and released gates, from torch.profiler; written to ``kda_kernels.json`` / ``.md``."""
     rows = []
     for B, T in shapes:
         for gate, lower_bound in (("bounded", -5.0), ("released", None)):
             x = {n: t.requires_grad_() for n, t in inputs(B, T).items()}
             do = torch.randn_like(ours(x, lower_bound)[0])
-            for _ in range(3):
-                _fwd_bwd(x, lower_bound, do)
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                _fwd_bwd(x, lower_bound, do)
+            steps = (("fwd+bwd", partial(_fwd_bwd, x, lower_bound, do)), ("prefill", partial(_prefill, x, lower_bound)))
+            for name, step in steps:
+                for _ in range(3):
+                    step()
                 torch.cuda.synchronize()
-            events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
-                            key=lambda e: -e.device_time_total)
-            for e in events:
-                rows.append(dict(shape=f"{B}x{T}", gate=gate, kernel=e.key[:60], calls=e.count,
-                                 ms=round(e.device_time_total / 1e3, 3)))
-            rows.append(dict(shape=f"{B}x{T}", gate=gate, kernel="total", calls=sum(e.count for e in events),
-                             ms=round(sum(e.device_time_total for e in events) / 1e3, 3)))
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    step()
+                    torch.cuda.synchronize()
+                events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                                key=lambda e: -e.device_time_total)
+                head = dict(shape=f"{B}x{T}", gate=gate, run=name)
+                for e in events:
+                    rows.append(head | dict(kernel=e.key[:60], calls=e.count, ms=round(e.device_time_total / 1e3, 3)))
+                rows.append(head | dict(kernel="total", calls=sum(e.count for e in events),
+                                        ms=round(sum(e.device_time_total for e in events) / 1e3, 3)))
             del x
-    table = markdown_table(rows, ["shape", "gate", "kernel", "calls", "ms"])
+    table = markdown_table(rows, ["shape", "gate", "run", "kernel", "calls", "ms"])
     print(table)
     if results_dir is not None:
         write_results("kda_kernels", environment(), rows, table, Path(results_dir))
@@ -207,7 +216,8 @@ def main() -> None:
     parser.add_argument("--results-dir", default="benchmarks/results")
     parser.add_argument("--no-decode", action="store_true", help="skip benchmarks/kda_decode.py")
     parser.add_argument("--profile", action="store_true",
-                        help="only the per-kernel device times of one fwd+bwd of ours at each shape (kda_kernels.*)")
+                        help="only the per-kernel device times of ours (one fwd+bwd, one prefill forward) at each "
+                             "shape (kda_kernels.*)")
     parser.add_argument("--impls", default="ours,ours_released,fla,sdpa", help="which implementations to time")
     parser.add_argument("--append", action="store_true",
                         help="keep the other shapes' rows of an earlier run (same device and versions)")

@@ -4,7 +4,8 @@
 
 The reference is our PyTorch chunk path run in fp64 on the same bf16 values (it matches the naive recurrence to
 fp64 rounding: tests/test_kda_chunk.py). Errors are ||x - ref|| / ||ref|| for the output, the final state and
-the gradients of a fixed random linear functional of both with respect to every input. The last case is the one
+the gradients of a fixed random linear functional of both with respect to every input (``ours_prefill``: our
+forward without autograd, o and the final state only). The last case is the one
 that separates kernels: gates near their lower bound over 64K tokens, where the gate gradients are sums whose
 terms cancel. Prints a table; writes kda_accuracy.json / .md to benchmarks/results/.
 """
@@ -66,6 +67,13 @@ def outputs_and_grads(fn, x: dict, lower_bound: float | None) -> dict:
     return {"o": o.detach(), "final_state": final.detach()} | {f"d{n}": g for n, g in zip(leaves, grads)}
 
 
+def outputs(fn, x: dict, lower_bound: float | None) -> dict:
+    """o and the final state without autograd (our prefill path)."""
+    with torch.no_grad():
+        o, final = fn(x, lower_bound, output_final_state=True)
+    return {"o": o, "final_state": final}
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -89,17 +97,20 @@ def keep_earlier(results_dir: Path, meta: dict, rows: list[dict]) -> tuple[dict,
     return meta | {"command": command}, merged
 
 
-def run(results_dir: Path | None, wanted: tuple[str, ...] = ("ours", "fla"), append: bool = False) -> list[dict]:
+def run(results_dir: Path | None, wanted: tuple[str, ...] = ("ours", "ours_prefill", "fla"),
+        append: bool = False) -> list[dict]:
+    """``ours_prefill``: our forward without autograd (16-token chunks; no gradients, so those cells read "-")."""
     meta = environment() | {"fla-core": fla_version()}
-    available = {"ours": kda.ours} | ({"fla": kda.fla} if meta["fla-core"] else {})
+    available = {"ours": kda.ours, "ours_prefill": kda.ours} | ({"fla": kda.fla} if meta["fla-core"] else {})
     impls = {n: fn for n, fn in available.items() if n in wanted}
     rows, shown = [], []
     for name, B, T, H, lower_bound, dt_bias in CASES:
         x = case_inputs(B, T, H, dt_bias)
         ref = outputs_and_grads(reference, x, lower_bound)
         for impl, fn in impls.items():
-            got = outputs_and_grads(fn, x, lower_bound)
-            rows.append({"case": name, "impl": impl} | {r: f"{rel_err(got[r], ref[r]):.1e}" for r in RESULTS})
+            got = (outputs if impl.endswith("_prefill") else outputs_and_grads)(fn, x, lower_bound)
+            rows.append({"case": name, "impl": impl} |
+                        {r: f"{rel_err(got[r], ref[r]):.1e}" if r in got else "-" for r in RESULTS})
             print(rows[-1], flush=True)
         del ref
         shown_meta, shown = keep_earlier(results_dir, meta, rows) if append and results_dir else (meta, rows)
@@ -113,7 +124,7 @@ def run(results_dir: Path | None, wanted: tuple[str, ...] = ("ours", "fla"), app
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--impls", default="ours,fla", help="which implementations to check")
+    parser.add_argument("--impls", default="ours,ours_prefill,fla", help="which implementations to check")
     parser.add_argument("--append", action="store_true",
                         help="keep the other implementations' rows of an earlier run (same device and versions)")
     args = parser.parse_args()

@@ -104,15 +104,48 @@ def test_wide_heads_match_torch_chunk(K, V, gate):
     assert_close(x, seed=K + V, tol=tol if not CUDA else 5e-3, tol_for=tol_for, **options(gate))
 
 
-@pytest.mark.parametrize("gate", ["bounded", "steep"])
-def test_inference_forward_matches_training_forward(gate):
-    """Without autograd the forward saves nothing for backward; a steep block must still take the exact path
-    (it then writes G and the norm factors itself)."""
-    x = make_inputs(70, 2, 32, 32, seed=6, gate=gate)
-    o_train, f_train = chunk_kda_triton(**x, output_final_state=True, **options(gate))
+def prefill_close(x, tol, **kw):
+    """The forward without autograd (the 16-token-chunk prefill path) against the PyTorch chunk path in fp64: o,
+    the final state and the chunk states."""
+    x = {n: t.detach() for n, t in x.items()}
+    o, f, states = chunk_kda_triton(**x, output_final_state=True, output_chunk_states=True, **kw)
+    ref = {n: t.double() for n, t in x.items()}
+    o_r, f_r, states_r = chunk_kda_torch(**ref, output_final_state=True, output_chunk_states=True, **kw)
+    assert o.dtype == x["v"].dtype and states.shape == states_r.shape and states.dtype == torch.float32
+    errors = {"o": rel_err(o, o_r), "final_state": rel_err(f, f_r), "states": rel_err(states, states_r)}
+    assert all(e <= tol for e in errors.values()), errors
+    return errors
+
+
+@pytest.mark.parametrize("T,gate", [(1, "plain"), (17, "released"), (70, "bounded"), (45, "steep")])
+def test_prefill_matches_torch_chunk(T, gate):
+    """Odd lengths: a lone token, a 16-token chunk plus one, a 64-token chunk plus a partial one. The steep gate
+    sends chunks down the exact pairwise path."""
+    x = make_inputs(T, 2, 32, 32, B=2, seed=20 + T, gate=gate)
+    prefill_close(x, tol=(5e-4 if gate == "steep" else 1e-4) if not CUDA else 5e-3, **options(gate))
+
+
+def test_prefill_packed_sequences():
+    """cu_seqlens with an empty sequence, lengths off the 16- and 64-token grids, per-sequence initial states."""
+    lengths = [17, 64, 0, 40, 1, 81]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    x = make_inputs(sum(lengths), 2, 32, 64, seed=21, n_state=len(lengths), gate="released")
+    prefill_close(x, tol=1e-4 if not CUDA else 5e-3, cu_seqlens=cu, **options("released"))
+
+
+def test_prefill_is_used_without_autograd(monkeypatch):
+    """No gradient wanted (no_grad, or no input requiring one): the prefill path; otherwise the autograd op."""
+    from kimi_linear.ops.kda import triton_chunk
+
+    calls = []
+    monkeypatch.setattr(triton_chunk, "_prefill", lambda *a: calls.append("prefill") or (a[2], None, None))
+    x = make_inputs(20, 1, 32, 32, seed=22)
     with torch.no_grad():
-        o, f = chunk_kda_triton(**x, output_final_state=True, **options(gate))
-    assert torch.equal(o, o_train) and torch.equal(f, f_train)
+        chunk_kda_triton(**x)
+    chunk_kda_triton(**{n: t.detach() for n, t in x.items()})
+    assert calls == ["prefill", "prefill"]
+    o, _ = chunk_kda_triton(**x)
+    assert calls == ["prefill", "prefill"] and o.requires_grad
 
 
 def test_packed_sequences_with_an_empty_one():
@@ -148,7 +181,7 @@ def test_kernel_launches_pass_only_kernel_parameters():
     kernels = {n: getattr(m, n) for m in (triton_chunk_fwd, triton_chunk_bwd) for n in dir(m)}
     launches = [node for node in ast.walk(ast.parse(inspect.getsource(triton_chunk)))
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)]
-    assert len(launches) == 8
+    assert len(launches) == 10
     for call in launches:
         params = kernels[call.func.value.id].arg_names
         options = ("num_warps", "num_stages")
@@ -215,6 +248,7 @@ def check_against_fp64(x, seed, **kw):
 def test_gpu_bf16_against_fp64(gate):
     x = make_inputs(1000, 4, 128, 128, B=2, seed=11, gate=gate, dtype=torch.bfloat16)
     print(gate, check_against_fp64(x, seed=11, **options(gate)))
+    print(gate, "prefill", prefill_close(x, tol=5e-3, **options(gate)))
 
 
 @gpu
@@ -226,23 +260,27 @@ def test_gpu_long_sequence_near_lower_bound_is_finite_and_accurate():
     # H100 (2026-11-22): o 3.1e-3, every gradient <= 3.8e-3. The gate gradients are sums whose terms largely
     # cancel; with single-pass TF32 diagonal-block score gradients they were off by up to 1e-1 here (grads_kernel_b)
     print("long", check_against_fp64(x, seed=12, **options("bounded")))
+    print("long prefill", prefill_close(x, tol=5e-3, **options("bounded")))
 
 
 @gpu
-def test_gpu_batch_invariance_causality_and_packing():
-    x = {n: t.detach() for n, t in make_inputs(300, 4, 128, 128, B=3, seed=13, gate="released",
-                                               dtype=torch.bfloat16).items()}
+@pytest.mark.parametrize("autograd", [False, True], ids=["prefill", "autograd"])
+def test_gpu_batch_invariance_causality_and_packing(autograd):
+    x = {n: t.detach().requires_grad_(autograd) for n, t in make_inputs(
+        300, 4, 128, 128, B=3, seed=13, gate="released", dtype=torch.bfloat16).items()}
     opts = options("released")
     o, f = chunk_kda_triton(**x, output_final_state=True, **opts)
+    assert o.requires_grad == autograd
     for b in range(3):
         one = {n: (t[b : b + 1] if n not in ("A_log", "dt_bias") else t) for n, t in x.items()}
         o_b, f_b = chunk_kda_triton(**one, output_final_state=True, **opts)
         assert torch.equal(o[b : b + 1], o_b) and torch.equal(f[b : b + 1], f_b)
     # causality: perturb token t of sequence 0, nothing before t moves
     t = 150
-    bumped = {n: v.clone() for n, v in x.items()}
-    for name in ("q", "k", "v", "g", "beta"):
-        bumped[name][:, t] += 1.0
+    bumped = {n: v.detach().clone().requires_grad_(autograd) for n, v in x.items()}
+    with torch.no_grad():
+        for name in ("q", "k", "v", "g", "beta"):
+            bumped[name][:, t] += 1.0
     o2, _ = chunk_kda_triton(**bumped, **opts)
     assert torch.equal(o2[:, :t], o[:, :t]) and not torch.equal(o2[:, t], o[:, t])
     # packing the three sequences end to end (B = 1) changes nothing and leaks no state

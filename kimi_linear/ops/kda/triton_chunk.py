@@ -1,4 +1,5 @@
-"""Chunk KDA on Triton: one autograd op (forward and backward kernels) behind the ``chunk_kda`` contract.
+"""Chunk KDA on Triton behind the ``chunk_kda`` contract: an autograd op (forward and backward kernels) when a
+gradient is wanted, and a two-launch forward over 16-token chunks otherwise (``_prefill``: prefill, evaluation).
 
 Forward: :mod:`kimi_linear.ops.kda.triton_chunk_fwd`; backward: :mod:`kimi_linear.ops.kda.triton_chunk_bwd`.
 Gate activation, q/k L2 norm and beta sigmoid run inside the kernels; gradients flow to q, k, v, the raw gate
@@ -26,8 +27,14 @@ from kimi_linear.ops.kda.triton_chunk_bwd import (
     grads_kernel_b,
     state_bwd_kernel,
 )
-from kimi_linear.ops.kda.triton_chunk_fwd import intra_kernel, prep_kernel, scores_kernel, state_out_kernel
-from kimi_linear.ops.kda.triton_common import CHUNK
+from kimi_linear.ops.kda.triton_chunk_fwd import (
+    intra_kernel,
+    prefill_chunk_kernel,
+    prep_kernel,
+    scores_kernel,
+    state_out_kernel,
+)
+from kimi_linear.ops.kda.triton_common import CHUNK, PREFILL_CHUNK
 from kimi_linear.ops.kda.validate import check_gate_options, check_kda_inputs
 
 
@@ -54,39 +61,45 @@ class _Chunks:
         return self.start.numel()
 
 
-def _chunks(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> _Chunks:
+def _chunks(cu: torch.Tensor, size: int, equal_length: int | None = None) -> _Chunks:
+    """The chunks of ``size`` tokens of the sequences ``[cu[n], cu[n+1])`` (each sequence's last chunk may be
+    shorter). ``equal_length``: every sequence's length when they are all equal (a batch without cu_seqlens),
+    which gives the number of chunks without a host sync."""
+    lengths = (cu[1:] - cu[:-1]).long()
+    counts = (lengths + size - 1) // size
+    offset = torch.cumsum(counts, 0) - counts
+    if equal_length is None:
+        total = int(counts.sum())
+    else:
+        total = counts.numel() * -(-equal_length // size)
+    seq = torch.repeat_interleave(torch.arange(counts.numel(), device=cu.device), counts, output_size=total)
+    local = (torch.arange(total, device=cu.device) - offset[seq]) * size
+    start = cu[:-1].long()[seq] + local
+    length = (lengths[seq] - local).clamp(max=size)
+    return _Chunks(cu, start.int(), length.int(), offset.int())
+
+
+def _sequences(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device
+               ) -> tuple[torch.Tensor, int | None]:
+    """Token offsets ``[N+1]`` (int32) of the sequences in the flattened batch, and their common length when the
+    batch has no cu_seqlens (see :func:`_chunks`)."""
     if cu_seqlens is None:
-        per_seq = -(-T // CHUNK)
-        cu = torch.arange(B + 1, dtype=torch.int32, device=device) * T
-        local = torch.arange(per_seq, dtype=torch.int32, device=device) * CHUNK
-        start = (cu[:-1, None] + local[None, :]).flatten()
-        length = (T - local).clamp(max=CHUNK).repeat(B)
-        offset = torch.arange(B, dtype=torch.int32, device=device) * per_seq
-        return _Chunks(cu, start, length, offset)
-    bounds = cu_seqlens.tolist()
-    starts, lengths, offsets = [], [], []
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        offsets.append(len(starts))
-        for t in range(s, e, CHUNK):
-            starts.append(t)
-            lengths.append(min(CHUNK, e - t))
-
-    def as_tensor(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int32, device=device)
-
-    return _Chunks(cu_seqlens.to(device=device, dtype=torch.int32), as_tensor(starts), as_tensor(lengths),
-                   as_tensor(offsets))
+        return torch.arange(B + 1, dtype=torch.int32, device=device) * T, T
+    return cu_seqlens.to(device=device, dtype=torch.int32), None
 
 
-def _block_v(V: int, programs_per_block: int) -> int:
-    """State columns per program of the sequential kernels: 64, or 32 when that leaves the GPU's ~132 SMs
-    with too few programs (one long sequence: sequences × heads is small)."""
-    return 32 if V >= 32 and programs_per_block * (V // 64) < 264 else min(V, 64)
+def _block_v(V: int, seq_heads: int, min_programs: int = 264) -> int:
+    """State columns per program of the sequential kernels: 64, or 32 when 64 would leave fewer than
+    ``min_programs`` programs (one long sequence: sequences × heads is small). H100, 1 × 65536 with 64-token
+    chunks: 264 (two programs per SM); with the prefill's 16-token chunks: 132 (4 × 16384 runs 1.26 ms at 64 against
+    1.93 at 32, 1 × 65536 2.5 at 32 against 3.0 at 64)."""
+    return 32 if V >= 32 and seq_heads * (V // 64) < min_programs else min(V, 64)
 
 
 def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l2norm, sigmoid,
-             want_final, want_states, training):
-    """Run the four forward kernels on flattened ``[T, H, D]`` views; returns o and what backward needs."""
+             want_final, want_states):
+    """The forward pass for autograd: the four kernels on flattened ``[T, H, D]`` views; returns o, the final
+    state, the chunk states (or None) and what backward needs."""
     T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
@@ -121,19 +134,60 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
     )
     o = torch.empty(T, H, V, dtype=v.dtype, device=dev)
     final = torch.empty(n_seq, H, K, V, **f32) if want_final else None
-    store_h = training or want_states
-    h = torch.empty(chunks.count, H, K, V, dtype=torch.float32 if want_states else cdt, device=dev) if store_h \
-        else None
-    v_new = torch.empty(T, H, V, dtype=cdt, device=dev) if training else None
+    h = torch.empty(chunks.count, H, K, V, dtype=torch.float32 if want_states else cdt, device=dev)
+    v_new = torch.empty(T, H, V, dtype=cdt, device=dev)
     BV = _block_v(V, n_seq * H)
     state_out_kernel[(triton.cdiv(V, BV), n_seq * H)](
-        W, U, P, qg, kg, G, o, h0 if h0 is not None else G, final if want_final else G, h if store_h else G,
-        v_new if training else G, chunks.cu, chunks.offset, H,
-        K=K, V=V, BV=BV, C=CHUNK, HAS_H0=h0 is not None, STORE_HT=want_final, STORE_H=store_h, STORE_V=training,
-        STAGES=_state_stages(cdt, K), num_warps=4 if BV < 64 else 8, PREC=_precision(cdt),
+        W, U, P, qg, kg, G, o, h0 if h0 is not None else G, final if want_final else G, h, v_new, chunks.cu,
+        chunks.offset, chunks.offset, H,
+        K=K, V=V, BV=BV, C=CHUNK, G_PER_CHUNK=False, HAS_H0=h0 is not None, STORE_HT=want_final, STORE_H=True,
+        H_EVERY=1, STORE_V=True, STAGES=_state_stages(cdt, K), num_warps=4 if BV < 64 else 8, PREC=_precision(cdt),
     )
     saved = dict(G=G, beta_f=beta_f, rq=rq, rk=rk, W=W, P=P, qg=qg, kg=kg, M=M, A=A, h=h, v_new=v_new)
     return o, final, h if want_states else None, saved
+
+
+def _prefill(q, k, v, g, beta, A_log, dt_bias, h0, cu, equal_length, scale, lower_bound, l2norm, sigmoid, want_final,
+             want_states):
+    """The forward pass without autograd (prefill, evaluation): two launches over 16-token chunks on flattened
+    ``[T, H, D]`` views; returns o, the final state and the chunk states (or None).
+
+    Nothing has to be kept for a backward pass, so the chunk is cut to 16 tokens: one program does all of a
+    chunk's in-chunk work (:func:`prefill_chunk_kernel`: no 64×64 inverse assembled from blocks, no G, A or M
+    through memory), and :func:`state_out_kernel` walks four times as many, smaller chunks. H100, 1 × 65536:
+    5.2 ms against 7.7 for the autograd forward (scratch timings in kda_notes.md, version 12)."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    dev = q.device
+    cdt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    n_seq = cu.numel() - 1
+    chunks = _chunks(cu, PREFILL_CHUNK, equal_length)
+    W, qg, kg = (torch.empty(T, H, K, dtype=cdt, device=dev) for _ in range(3))
+    U = torch.empty(T, H, V, dtype=cdt, device=dev)
+    P = torch.empty(T, H, PREFILL_CHUNK, dtype=cdt, device=dev)
+    G_end = torch.empty(chunks.count, H, K, dtype=torch.float32, device=dev)
+    has_gate = A_log is not None
+    prefill_chunk_kernel[(chunks.count, H)](
+        q, k, v, g, beta, A_log if has_gate else G_end, dt_bias if has_gate else G_end, W, U, P, qg, kg, G_end,
+        chunks.start, chunks.length, scale, float(lower_bound or 0.0), H,
+        K=K, V=V, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, L2NORM=l2norm, SIGMOID=sigmoid,
+        PREC=_precision(cdt),
+        num_warps=2,  # H100, 1 x 65536: 2.6 ms (4.1 at 1 warp, 4.0 at 4)
+    )
+    o = torch.empty(T, H, V, dtype=v.dtype, device=dev)
+    final = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=dev) if want_final else None
+    h_chunks = _chunks(cu, CHUNK, equal_length) if want_states else chunks
+    h = torch.empty(h_chunks.count, H, K, V, dtype=torch.float32, device=dev) if want_states else None
+    BV = _block_v(V, n_seq * H, min_programs=132)
+    state_out_kernel[(triton.cdiv(V, BV), n_seq * H)](
+        W, U, P, qg, kg, G_end, o, h0 if h0 is not None else G_end, final if want_final else G_end,
+        h if want_states else G_end, G_end, cu, chunks.offset, h_chunks.offset, H,
+        K=K, V=V, BV=BV, C=PREFILL_CHUNK, G_PER_CHUNK=True, HAS_H0=h0 is not None, STORE_HT=want_final,
+        STORE_H=want_states, H_EVERY=CHUNK // PREFILL_CHUNK, STORE_V=False,
+        STAGES=_state_stages(cdt, K, PREFILL_CHUNK), num_warps=4,  # H100: 8 warps took twice as long
+        PREC=_precision(cdt),
+    )
+    return o, final, h
 
 
 def _precision(cdt: torch.dtype) -> str:
@@ -143,14 +197,18 @@ def _precision(cdt: torch.dtype) -> str:
     return "tf32x3" if cdt == torch.float32 else "tf32"
 
 
-def _state_stages(cdt: torch.dtype, K: int) -> int:
-    """Software-pipeline depth of the sequential kernels' chunk loop (stages > 1 prefetch the next chunks' tiles):
-    3 for 16-bit inputs up to K = 128 (H100, 1 x 65536: state fwd 2.70 -> 1.77 ms, state bwd 2.42 -> 1.56 against
-    2 stages; 16 x 4096: 2.14 -> 1.66, 1.69 -> 1.46); 2 where three stages would not fit in H100's 227 KB of shared
-    memory (16-bit K = 256, fp32 K <= 128); none for fp32 tiles with K = 256 (two stages need ~300 KB) and in the
-    interpreter."""
+def _state_stages(cdt: torch.dtype, K: int, C: int = CHUNK) -> int:
+    """Software-pipeline depth of the sequential kernels' chunk loop (stages > 1 prefetch the next chunks' tiles).
+    64-token chunks: 3 for 16-bit inputs up to K = 128 (H100, 1 x 65536: state fwd 2.70 -> 1.77 ms, state bwd
+    2.42 -> 1.56 against 2 stages; 16 x 4096: 2.14 -> 1.66, 1.69 -> 1.46); 2 where three stages would not fit in
+    H100's 227 KB of shared memory (16-bit K = 256, fp32 K <= 128); none for fp32 tiles with K = 256 (two stages
+    need ~300 KB). 16-token chunks (a quarter of the tiles): 4 for 16-bit K <= 128 (1 x 65536: 2.50 ms against
+    2.63 at 3), else 3. None in the interpreter."""
     if _interpreting():
         return 1
+    wide = cdt == torch.float32 or K > 128
+    if C < CHUNK:
+        return 3 if wide else 4
     if cdt == torch.float32:
         return 2 if K <= 128 else 1
     return 3 if K <= 128 else 2
@@ -166,12 +224,12 @@ class ChunkKDAFunction(torch.autograd.Function):
                 want_final, want_states):
         B, T, H, K = q.shape
         V = v.shape[-1]
-        chunks = _chunks(B, T, cu_seqlens, q.device)
+        cu, equal_length = _sequences(B, T, cu_seqlens, q.device)
+        chunks = _chunks(cu, CHUNK, equal_length)
         flat = [x.reshape(B * T, H, -1) for x in (q, k, v, g)]
-        training = any(ctx.needs_input_grad)
         o, final, states, saved = _forward(
             *flat, beta.reshape(B * T, H), A_log, dt_bias, h0, chunks, scale, lower_bound, l2norm, sigmoid,
-            want_final, want_states, training,
+            want_final, want_states,
         )
         if states is not None:
             ctx.mark_non_differentiable(states)
@@ -294,6 +352,17 @@ def chunk_kda_triton(
         A_log, dt_bias = A_log.float().contiguous(), dt_bias.float().contiguous()
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
+    leaves = (q, k, v, g, beta, A_log, dt_bias, initial_state)
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in leaves)):
+        B, T, H, _ = q.shape
+        cu, equal_length = _sequences(B, T, cu_seqlens, q.device)
+        o, final, states = _prefill(
+            *(x.reshape(B * T, H, -1) for x in (q, k, v, g)), beta.reshape(B * T, H), A_log, dt_bias, initial_state,
+            cu, equal_length, scale, lower_bound, use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel,
+            output_final_state, output_chunk_states,
+        )
+        result = (o.view(B, T, H, -1), final)
+        return result + (states,) if output_chunk_states else result
     o, final, states = ChunkKDAFunction.apply(
         q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, scale, lower_bound,
         use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel, output_final_state, output_chunk_states,

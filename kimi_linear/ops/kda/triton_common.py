@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 CHUNK = 64  # tokens per chunk (host side; kernels take it as the constexpr C)
+PREFILL_CHUNK = 16  # tokens per chunk of the forward pass without autograd (see triton_chunk._prefill)
 SUB = tl.constexpr(16)  # rows per sub-chunk
 # largest in-block decay (nats, first row to last) for which a diagonal block may use an anchored product
 SAFE_DECAY = tl.constexpr(80.0)
