@@ -61,31 +61,25 @@ class _Chunks:
         return self.start.numel()
 
 
-def _chunks(cu: torch.Tensor, size: int, equal_length: int | None = None) -> _Chunks:
-    """The chunks of ``size`` tokens of the sequences ``[cu[n], cu[n+1])`` (each sequence's last chunk may be
-    shorter). ``equal_length``: every sequence's length when they are all equal (a batch without cu_seqlens),
-    which gives the number of chunks without a host sync."""
-    lengths = (cu[1:] - cu[:-1]).long()
+def _chunks(B: int, T: int, cu_seqlens: torch.Tensor | None, size: int, device: torch.device) -> _Chunks:
+    """The chunks of ``size`` tokens of each sequence (the last one of a sequence may be shorter): of B sequences
+    of T tokens, built on the device without a host sync; of packed sequences (cu_seqlens), built on the host
+    (one sync to read cu_seqlens) and sent in one copy."""
+    if cu_seqlens is None:
+        per_seq = -(-T // size)
+        cu = torch.arange(B + 1, dtype=torch.int32, device=device) * T
+        local = torch.arange(per_seq, dtype=torch.int32, device=device) * size
+        start = (cu[:-1, None] + local[None, :]).flatten()
+        length = (T - local).clamp(max=size).repeat(B)
+        return _Chunks(cu, start, length, torch.arange(B, dtype=torch.int32, device=device) * per_seq)
+    cu = cu_seqlens.cpu().long()
+    lengths = cu.diff()
     counts = (lengths + size - 1) // size
     offset = torch.cumsum(counts, 0) - counts
-    if equal_length is None:
-        total = int(counts.sum())
-    else:
-        total = counts.numel() * -(-equal_length // size)
-    seq = torch.repeat_interleave(torch.arange(counts.numel(), device=cu.device), counts, output_size=total)
-    local = (torch.arange(total, device=cu.device) - offset[seq]) * size
-    start = cu[:-1].long()[seq] + local
-    length = (lengths[seq] - local).clamp(max=size)
-    return _Chunks(cu, start.int(), length.int(), offset.int())
-
-
-def _sequences(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device
-               ) -> tuple[torch.Tensor, int | None]:
-    """Token offsets ``[N+1]`` (int32) of the sequences in the flattened batch, and their common length when the
-    batch has no cu_seqlens (see :func:`_chunks`)."""
-    if cu_seqlens is None:
-        return torch.arange(B + 1, dtype=torch.int32, device=device) * T, T
-    return cu_seqlens.to(device=device, dtype=torch.int32), None
+    seq = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    local = (torch.arange(seq.numel()) - offset[seq]) * size
+    parts = (cu, cu[:-1][seq] + local, (lengths[seq] - local).clamp(max=size), offset)
+    return _Chunks(*torch.cat(parts).to(device=device, dtype=torch.int32).split([p.numel() for p in parts]))
 
 
 def _block_v(V: int, seq_heads: int, min_programs: int = 264) -> int:
@@ -147,21 +141,22 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
     return o, final, h if want_states else None, saved
 
 
-def _prefill(q, k, v, g, beta, A_log, dt_bias, h0, cu, equal_length, scale, lower_bound, l2norm, sigmoid, want_final,
+def _prefill(q, k, v, g, beta, A_log, dt_bias, h0, B, cu_seqlens, scale, lower_bound, l2norm, sigmoid, want_final,
              want_states):
     """The forward pass without autograd (prefill, evaluation): two launches over 16-token chunks on flattened
-    ``[T, H, D]`` views; returns o, the final state and the chunk states (or None).
+    ``[B·T, H, D]`` views of B sequences (or of the packed sequences of cu_seqlens, B = 1); returns o, the final
+    state and the chunk states (or None).
 
     Nothing has to be kept for a backward pass, so the chunk is cut to 16 tokens: one program does all of a
     chunk's in-chunk work (:func:`prefill_chunk_kernel`: no 64×64 inverse assembled from blocks, no G, A or M
-    through memory), and :func:`state_out_kernel` walks four times as many, smaller chunks. H100, 1 × 65536:
-    5.2 ms against 7.7 for the autograd forward (scratch timings in kda_notes.md, version 12)."""
+    through memory), and :func:`state_out_kernel` walks four times as many, smaller chunks. H100 (kda.md):
+    5.2 ms at 1 × 65536 and 3.9 ms at 16 × 4096, where the autograd op's forward takes 7.7."""
     T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
     cdt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    n_seq = cu.numel() - 1
-    chunks = _chunks(cu, PREFILL_CHUNK, equal_length)
+    chunks = _chunks(B, T // B, cu_seqlens, PREFILL_CHUNK, dev)
+    n_seq = chunks.offset.numel()
     W, qg, kg = (torch.empty(T, H, K, dtype=cdt, device=dev) for _ in range(3))
     U = torch.empty(T, H, V, dtype=cdt, device=dev)
     P = torch.empty(T, H, PREFILL_CHUNK, dtype=cdt, device=dev)
@@ -176,12 +171,12 @@ def _prefill(q, k, v, g, beta, A_log, dt_bias, h0, cu, equal_length, scale, lowe
     )
     o = torch.empty(T, H, V, dtype=v.dtype, device=dev)
     final = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=dev) if want_final else None
-    h_chunks = _chunks(cu, CHUNK, equal_length) if want_states else chunks
+    h_chunks = _chunks(B, T // B, cu_seqlens, CHUNK, dev) if want_states else chunks
     h = torch.empty(h_chunks.count, H, K, V, dtype=torch.float32, device=dev) if want_states else None
     BV = _block_v(V, n_seq * H, min_programs=132)
     state_out_kernel[(triton.cdiv(V, BV), n_seq * H)](
         W, U, P, qg, kg, G_end, o, h0 if h0 is not None else G_end, final if want_final else G_end,
-        h if want_states else G_end, G_end, cu, chunks.offset, h_chunks.offset, H,
+        h if want_states else G_end, G_end, chunks.cu, chunks.offset, h_chunks.offset, H,
         K=K, V=V, BV=BV, C=PREFILL_CHUNK, G_PER_CHUNK=True, HAS_H0=h0 is not None, STORE_HT=want_final,
         STORE_H=want_states, H_EVERY=CHUNK // PREFILL_CHUNK, STORE_V=False,
         STAGES=_state_stages(cdt, K, PREFILL_CHUNK), num_warps=4,  # H100: 8 warps took twice as long
@@ -224,8 +219,7 @@ class ChunkKDAFunction(torch.autograd.Function):
                 want_final, want_states):
         B, T, H, K = q.shape
         V = v.shape[-1]
-        cu, equal_length = _sequences(B, T, cu_seqlens, q.device)
-        chunks = _chunks(cu, CHUNK, equal_length)
+        chunks = _chunks(B, T, cu_seqlens, CHUNK, q.device)
         flat = [x.reshape(B * T, H, -1) for x in (q, k, v, g)]
         o, final, states, saved = _forward(
             *flat, beta.reshape(B * T, H), A_log, dt_bias, h0, chunks, scale, lower_bound, l2norm, sigmoid,
@@ -355,10 +349,9 @@ def chunk_kda_triton(
     leaves = (q, k, v, g, beta, A_log, dt_bias, initial_state)
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in leaves)):
         B, T, H, _ = q.shape
-        cu, equal_length = _sequences(B, T, cu_seqlens, q.device)
         o, final, states = _prefill(
             *(x.reshape(B * T, H, -1) for x in (q, k, v, g)), beta.reshape(B * T, H), A_log, dt_bias, initial_state,
-            cu, equal_length, scale, lower_bound, use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel,
+            B, cu_seqlens, scale, lower_bound, use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel,
             output_final_state, output_chunk_states,
         )
         result = (o.view(B, T, H, -1), final)
