@@ -1,4 +1,4 @@
-"""Triton kernels of the chunk-KDA forward pass (kda.md §2), four launches:
+"""Triton kernels of the chunk-KDA forward pass (kda.md §2). For autograd, four launches over 64-token chunks:
 
 1. :func:`prep_kernel` (chunk-parallel): gate activation, in-chunk cumsum G (fp32), beta sigmoid, and the q/k
    L2-norm factors.
@@ -10,6 +10,9 @@
 4. :func:`state_out_kernel` (sequential over a sequence's chunks, parallel over sequences × heads × V
    blocks): ``V' = U - W S``, ``O = qg S + P V'``, ``S <- exp(G_last) S + kg^T V'``; optionally stores the
    state at every chunk start and V' (both needed by the backward pass).
+
+Without autograd (prefill), two launches over 16-token chunks: :func:`prefill_chunk_kernel` (all of a chunk's
+in-chunk work in one program) and :func:`state_out_kernel` with C = 16.
 
 Layouts: see :mod:`kimi_linear.ops.kda.triton_common`.
 """
