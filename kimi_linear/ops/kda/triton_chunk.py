@@ -347,19 +347,19 @@ def chunk_kda_triton(
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
     leaves = (q, k, v, g, beta, A_log, dt_bias, initial_state)
-    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in leaves)):
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in leaves):
+        o, final, states = ChunkKDAFunction.apply(
+            q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, scale, lower_bound,
+            use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel, output_final_state, output_chunk_states,
+        )
+    else:
         B, T, H, _ = q.shape
         o, final, states = _prefill(
             *(x.reshape(B * T, H, -1) for x in (q, k, v, g)), beta.reshape(B * T, H), A_log, dt_bias, initial_state,
             B, cu_seqlens, scale, lower_bound, use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel,
             output_final_state, output_chunk_states,
         )
-        result = (o.view(B, T, H, -1), final)
-        return result + (states,) if output_chunk_states else result
-    o, final, states = ChunkKDAFunction.apply(
-        q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, scale, lower_bound,
-        use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel, output_final_state, output_chunk_states,
-    )
+        o = o.view(B, T, H, -1)
     result = (o, final)
     if output_chunk_states:
         result += (states,)
