@@ -59,6 +59,21 @@ def store_rows(ptr, x, t0, r0, n, H, i_h, D: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
+def prefetch_rows(ptr, t0, n, H, i_h, D: tl.constexpr, R: tl.constexpr):
+    """Ask L2 for the ``[n, D]`` rows t0.. of head i_h of a ``[T, H, D]`` tensor (n <= R), without waiting for
+    them: one ``prefetch.global.L2`` per 128-byte line. Row indices past n repeat row n-1, so no address leaves
+    the tensor. Compiled only (the interpreter cannot run PTX)."""
+    BYTES: tl.constexpr = D * ptr.dtype.element_ty.primitive_bitwidth // 8
+    LINES: tl.constexpr = (BYTES + 127) // 128
+    STEP: tl.constexpr = D // LINES
+    i = tl.arange(0, R * LINES)
+    row = tl.minimum(i // LINES, n - 1)
+    p = ptr + ((t0 + row).to(tl.int64) * H + i_h) * D + (i % LINES) * STEP
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
+
+@triton.jit
 def load_row(ptr, t, H, i_h, D: tl.constexpr):
     """One token's ``[D]`` vector of a ``[T, H, D]`` tensor, fp32."""
     return load_row_cols(ptr, t, H, i_h, D, 0, D)
