@@ -156,7 +156,7 @@ def _prefill(q, k, v, g, beta, A_log, dt_bias, h0, B, cu_seqlens, scale, lower_b
     Nothing has to be kept for a backward pass, so the chunk is cut to 16 tokens: one program does all of a
     chunk's in-chunk work (:func:`prefill_chunk_kernel`: no 64×64 inverse assembled from blocks, no G, A or M
     through memory), and :func:`state_out_kernel` walks four times as many, smaller chunks. H100 (kda.md):
-    5.2 ms at 1 × 65536 and 3.9 ms at 16 × 4096, where the autograd op's forward takes 7.7."""
+    4.9 ms at 1 × 65536 and 3.7 ms at 16 × 4096, where the autograd op's forward takes 7.7."""
     T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
@@ -173,7 +173,7 @@ def _prefill(q, k, v, g, beta, A_log, dt_bias, h0, B, cu_seqlens, scale, lower_b
         chunks.start, chunks.length, chunks.count, scale, float(lower_bound or 0.0), H,
         K=K, V=V, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, L2NORM=l2norm, SIGMOID=sigmoid,
         PREC=_precision(cdt), PREFETCH=0 if _interpreting() else PREFETCH_AHEAD,
-        num_warps=2,  # H100, 1 x 65536: 2.6 ms (4.1 at 1 warp, 4.0 at 4)
+        num_warps=2,  # H100, 1 x 65536: 2.4 ms (3.8 at 4 warps; capping registers below 255 to fit more programs: slower)
     )
     o = torch.empty(T, H, V, dtype=v.dtype, device=dev)
     final = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=dev) if want_final else None
