@@ -286,12 +286,13 @@ def prefill_chunk_kernel(
         k_t = tl.trans(k_up)
         a_raw = tl.dot(k_dn, k_t, input_precision=PREC)
         p_raw = tl.dot(q_dn, k_t, input_precision=PREC)
-        k_end = k_up * tl.exp(G_last)[None, :]  # exp(-G) was not clamped here: one exponential fewer a channel
+        # -G < SAFE_DECAY here, so k_up's exp(-G) was not clamped: k exp(G_last - G) for one exponential a column
+        k_end = k_up * tl.exp(G_last)[None, :]
     else:
         a_raw = exact_diag_scores(kx, kx, G, False, SUB)
         p_raw = exact_diag_scores(qx, kx, G, True, SUB)
         k_end = kx * tl.exp(G_last[None, :] - G)
-    # stored before the inverse, so that q_dn and k_end are dead across it (fewer spills)
+    # stored before the inverse, so that q_dn and k_end are dead across it
     store_rows(kg, k_end * rk[:, None], t0, 0, n, H, i_h, K, SUB)
     store_rows(qg, q_dn * rq[:, None], t0, 0, n, H, i_h, K, SUB)
     a_ii = tl.where(rows[:, None] > rows[None, :], a_raw * rk[:, None] * rk[None, :], 0.0)
