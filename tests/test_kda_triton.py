@@ -147,6 +147,31 @@ def test_prefill_is_used_without_autograd(monkeypatch):
     o, _ = chunk_kda_triton(**x)
     assert calls == ["prefill", "prefill"] and o.requires_grad
 
+@pytest.mark.parametrize("T,final,h0", [(70, True, True), (64, False, False), (97, True, False)])
+def test_prefill_pipeline_matches_one_pass(monkeypatch, T, final, h0):
+    """One sequence: the chunk and state passes pipelined over blocks (here of 32 tokens, two 16-token chunks,
+    between blocks of one chunk; the last chunk partial or full; the state pass 64 columns wide but 32 in the last
+    block) give what one pass of each gives, bit for bit, with and without an initial or final state; and match
+    the fp64 reference."""
+    from kimi_linear.ops.kda import triton_chunk
+
+    assert triton_chunk._block_edges(7, 2) == [0, 1, 3, 6, 7] and triton_chunk._block_edges(4, 2) == [0, 1, 3, 4]
+    x = {n: t.detach() for n, t in make_inputs(T, 2, 32, 64, seed=30 + T, gate="bounded").items()}
+    if not h0:
+        del x["initial_state"]
+    kw = dict(output_final_state=final, output_chunk_states=True, **options("bounded"))
+    monkeypatch.setattr(triton_chunk, "PIPELINE_TOKENS", 1 << 30)
+    whole = chunk_kda_triton(**x, **kw)
+    monkeypatch.setattr(triton_chunk, "PIPELINE_TOKENS", 32)
+    piped = chunk_kda_triton(**x, **kw)
+    cu = torch.tensor([0, T], dtype=torch.int32, device=DEVICE)
+    packed = chunk_kda_triton(**x, cu_seqlens=cu, **kw)
+    assert (whole[1] is None) == (not final)
+    for a, b, c in zip(whole, piped, packed):
+        assert (a is b is c is None) or (torch.equal(a, b) and torch.equal(a, c))
+    if h0 and final:
+        prefill_close(x, tol=1e-4 if not CUDA else 5e-3, **options("bounded"))
+
 
 def test_packed_sequences_with_an_empty_one():
     lengths = [17, 64, 0, 40, 1]
@@ -184,7 +209,7 @@ def test_kernel_launches_pass_only_kernel_parameters():
     assert len(launches) == 10
     for call in launches:
         params = kernels[call.func.value.id].arg_names
-        options = ("num_warps", "num_stages")
+        options = ("num_warps", "num_stages", "launch_pdl")
         given = [*params[: len(call.args)], *(kw.arg for kw in call.keywords if kw.arg not in options)]
         assert sorted(given) == sorted(params), call.func.value.id
 

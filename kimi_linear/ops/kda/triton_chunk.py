@@ -133,9 +133,10 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
     BV = _block_v(V, n_seq * H)
     state_out_kernel[(triton.cdiv(V, BV), n_seq * H)](
         W, U, P, qg, kg, G, o, h0 if h0 is not None else G, final if want_final else G, h, v_new, chunks.cu,
-        chunks.offset, chunks.offset, H,
+        chunks.offset, chunks.offset, H, 0, chunks.count,
         K=K, V=V, BV=BV, C=CHUNK, G_PER_CHUNK=False, HAS_H0=h0 is not None, STORE_HT=want_final, STORE_H=True,
-        H_EVERY=1, STORE_V=True, STAGES=_state_stages(cdt, K), num_warps=4 if BV < 64 else 8, PREC=_precision(cdt),
+        H_EVERY=1, STORE_V=True, LAUNCH_NEXT=False, STAGES=_state_stages(cdt, K), num_warps=4 if BV < 64 else 8,
+        PREC=_precision(cdt),
     )
     saved = dict(G=G, beta_f=beta_f, rq=rq, rk=rk, W=W, P=P, qg=qg, kg=kg, M=M, A=A, h=h, v_new=v_new)
     return o, final, h if want_states else None, saved
@@ -145,18 +146,29 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, chunks, scale, lower_bound, l
 # arrive from L2 rather than DRAM when that program starts (H100, 1 x 65536: 2.57 -> 2.43 ms; 16 to 128 ahead all
 # help, 512 and more hurt).
 PREFETCH_AHEAD = 64
+# One sequence on CUDA: the prefill's two passes run as a pipeline over blocks of this many tokens (see _prefill).
+PIPELINE_TOKENS = 8192
+PIPELINE_EDGE = 2  # the first and last blocks are this many times shorter
 
 
 def _prefill(q, k, v, g, beta, A_log, dt_bias, h0, B, cu_seqlens, scale, lower_bound, l2norm, sigmoid, want_final,
              want_states):
-    """The forward pass without autograd (prefill, evaluation): two launches over 16-token chunks on flattened
+    """The forward pass without autograd (prefill, evaluation): two kernels over 16-token chunks on flattened
     ``[B·T, H, D]`` views of B sequences (or of the packed sequences of cu_seqlens, B = 1); returns o, the final
     state and the chunk states (or None).
 
     Nothing has to be kept for a backward pass, so the chunk is cut to 16 tokens: one program does all of a
     chunk's in-chunk work (:func:`prefill_chunk_kernel`: no 64×64 inverse assembled from blocks, no G, A or M
-    through memory), and :func:`state_out_kernel` walks four times as many, smaller chunks. H100 (kda.md):
-    4.9 ms at 1 × 65536 and 3.7 ms at 16 × 4096, where the autograd op's forward takes 7.7."""
+    through memory), and :func:`state_out_kernel` walks four times as many, smaller chunks.
+
+    With many sequences × heads the chunk pass runs over everything, then the state pass. With one sequence the
+    state pass has only heads × V blocks programs (128 on 132 SMs for H = 32), each bound by its chain of dependent
+    steps, and leaves most of every SM idle; so the sequence is cut into blocks of PIPELINE_TOKENS, and the chunk
+    pass of block b + 1 runs beside the state pass of block b, the state carried from block to block in memory.
+    One stream, in the order chunk 0, state 0, chunk 1, state 1, ...: each state pass lets the next chunk pass
+    launch once its own programs have started (programmatic dependent launch, ``LAUNCH_NEXT``), so they hold their
+    SMs first; the chunk pass's last program waits for that state pass to end (``AFTER_STATE``), so that the next
+    state pass, queued behind the chunk pass, starts from a complete state. H100, 1 × 65536: see kda.md."""
     T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
@@ -167,28 +179,67 @@ def _prefill(q, k, v, g, beta, A_log, dt_bias, h0, B, cu_seqlens, scale, lower_b
     U = torch.empty(T, H, V, dtype=cdt, device=dev)
     P = torch.empty(T, H, PREFILL_CHUNK, dtype=cdt, device=dev)
     G_end = torch.empty(chunks.count, H, K, dtype=torch.float32, device=dev)
-    has_gate = A_log is not None
-    prefill_chunk_kernel[(chunks.count, H)](
-        q, k, v, g, beta, A_log if has_gate else G_end, dt_bias if has_gate else G_end, W, U, P, qg, kg, G_end,
-        chunks.start, chunks.length, chunks.count, scale, float(lower_bound or 0.0), H,
-        K=K, V=V, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, L2NORM=l2norm, SIGMOID=sigmoid,
-        PREC=_precision(cdt), PREFETCH=0 if _interpreting() else PREFETCH_AHEAD,
-        num_warps=2,  # H100, 1 x 65536: 2.4 ms (3.8 at 4 warps; capping registers to fit more programs: slower)
-    )
     o = torch.empty(T, H, V, dtype=v.dtype, device=dev)
     final = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=dev) if want_final else None
     h_chunks = _chunks(B, T // B, cu_seqlens, CHUNK, dev) if want_states else chunks
     h = torch.empty(h_chunks.count, H, K, V, dtype=torch.float32, device=dev) if want_states else None
+    has_gate = A_log is not None
     BV = _block_v(V, n_seq * H, min_programs=132)
-    state_out_kernel[(triton.cdiv(V, BV), n_seq * H)](
-        W, U, P, qg, kg, G_end, o, h0 if h0 is not None else G_end, final if want_final else G_end,
-        h if want_states else G_end, G_end, chunks.cu, chunks.offset, h_chunks.offset, H,
-        K=K, V=V, BV=BV, C=PREFILL_CHUNK, G_PER_CHUNK=True, HAS_H0=h0 is not None, STORE_HT=want_final,
-        STORE_H=want_states, H_EVERY=CHUNK // PREFILL_CHUNK, STORE_V=False,
-        STAGES=_state_stages(cdt, K, PREFILL_CHUNK), num_warps=4,  # H100: 8 warps took twice as long
-        PREC=_precision(cdt),
-    )
+
+    def chunk_pass(first: int, count: int, after_state: bool = False) -> None:
+        prefill_chunk_kernel[(count, H)](
+            q, k, v, g, beta, A_log if has_gate else G_end, dt_bias if has_gate else G_end, W, U, P, qg, kg, G_end,
+            chunks.start, chunks.length, chunks.count, first, scale, float(lower_bound or 0.0), H,
+            K=K, V=V, HAS_GATE=has_gate, BOUNDED=lower_bound is not None, L2NORM=l2norm, SIGMOID=sigmoid,
+            PREC=_precision(cdt), PREFETCH=0 if _interpreting() else PREFETCH_AHEAD, AFTER_STATE=after_state,
+            num_warps=2,  # H100, 1 x 65536: 2.4 ms (3.8 at 4 warps; capping registers to fit more programs: slower)
+            launch_pdl=after_state,
+        )
+
+    def state_pass(start, end, c_begin: int, c_end: int, bv: int = BV, next_chunks: bool = False) -> None:
+        """Chunks c_begin .. c_end-1 of every sequence, from the state in ``start`` (None: h0 or zeros) to ``end``."""
+        state_out_kernel[(triton.cdiv(V, bv), n_seq * H)](
+            W, U, P, qg, kg, G_end, o, G_end if start is None else start, G_end if end is None else end,
+            h if want_states else G_end, G_end, chunks.cu, chunks.offset, h_chunks.offset, H, c_begin, c_end,
+            K=K, V=V, BV=bv, C=PREFILL_CHUNK, G_PER_CHUNK=True, HAS_H0=start is not None, STORE_HT=end is not None,
+            STORE_H=want_states, H_EVERY=CHUNK // PREFILL_CHUNK, STORE_V=False, LAUNCH_NEXT=next_chunks,
+            STAGES=_state_stages(cdt, K, PREFILL_CHUNK), num_warps=4,  # H100: 8 warps took twice as long
+            PREC=_precision(cdt),
+        )
+
+    per = PIPELINE_TOKENS // PREFILL_CHUNK
+    if n_seq > 1 or chunks.count < 2 * per or not _dependent_launch(dev):
+        chunk_pass(0, chunks.count)
+        state_pass(h0, final, 0, chunks.count)
+        return o, final, h
+    # the state after each block goes to `carry` (the final state's buffer when it is wanted), read by the next
+    carry = final if want_final else torch.empty(1, H, K, V, dtype=torch.float32, device=dev)
+    on_gpu = dev.type == "cuda"
+    edges = _block_edges(chunks.count, per)
+    for c0, c1, c2 in zip(edges, edges[1:], [*edges[2:], None]):
+        chunk_pass(c0, c1 - c0, after_state=on_gpu and c0 > 0)
+        # beside a chunk pass as long, wider state blocks (half the programs) leave more SMs to it (H100, 1 x 65536:
+        # 4.40 ms against 4.75 at 32 columns); a state pass that runs alone, or mostly, is faster narrow
+        beside = c2 is not None and c2 - c1 >= c1 - c0
+        state_pass(h0 if c0 == 0 else carry, carry, c0, c1, bv=min(V, 64) if beside else BV,
+                   next_chunks=on_gpu and c2 is not None)
     return o, final, h
+
+
+def _block_edges(n_chunks: int, per: int) -> list[int]:
+    """Where the pipelined prefill's blocks of chunks begin, then n_chunks: blocks of about ``per`` chunks between
+    a first and a last of per / PIPELINE_EDGE. Those two run alone (the chunk pass before any state pass, the state
+    pass after the last chunk pass), so they are kept short."""
+    edge = max(per // PIPELINE_EDGE, 1)
+    inner = n_chunks - 2 * edge
+    parts = max(round(inner / per), 1)
+    return [0, *(edge + inner * i // parts for i in range(parts + 1)), n_chunks]
+
+
+def _dependent_launch(dev: torch.device) -> bool:
+    """Whether dev overlaps a kernel with the one before it in the stream (programmatic dependent launch: Hopper
+    and later). The interpreter (CPU) runs the pipelined prefill's blocks in order, so that tests cover it."""
+    return dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] >= 9
 
 
 def _precision(cdt: torch.dtype) -> str:
