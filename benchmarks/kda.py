@@ -181,8 +181,8 @@ def _prefill(x: dict, lower_bound: float | None) -> None:
 
 def profile(shapes, results_dir: str | Path | None) -> list[dict]:
     """Device time of each kernel in one forward+backward of ours and in one forward without autograd (prefill),
-    bounded and released gates, from torch.profiler, with their sum and the span from the first kernel's start to
-    the last one's end; written to ``kda_kernels.json`` / ``.md``."""
+    bounded and released gates, from torch.profiler; written to ``kda_kernels.json`` / ``.md``. Kernels that
+    overlap (the pipelined prefill of one sequence) sum to more than the step takes: kda.md has the step times."""
     rows = []
     for B, T in shapes:
         for gate, lower_bound in (("bounded", -5.0), ("released", None)):
@@ -203,11 +203,7 @@ def profile(shapes, results_dir: str | Path | None) -> list[dict]:
                     rows.append(head | dict(kernel=e.key[:60], calls=e.count, ms=round(e.device_time_total / 1e3, 3)))
                 rows.append(head | dict(kernel="total", calls=sum(e.count for e in events),
                                         ms=round(sum(e.device_time_total for e in events) / 1e3, 3)))
-                # kernels that overlap (the pipelined prefill of one sequence) sum to more than the step takes
-                on_device = [e.time_range for e in prof.events() if e.device_type.name == "CUDA"]
-                rows.append(head | dict(kernel="span (first start to last end)", calls=len(on_device),
-                                        ms=round((max(r.end for r in on_device) - min(r.start for r in on_device))
-                                                 / 1e3, 3)))
+
             del x
     table = markdown_table(rows, ["shape", "gate", "run", "kernel", "calls", "ms"])
     print(table)
