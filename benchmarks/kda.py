@@ -5,7 +5,7 @@
 Both KDA ops run the model's hot path: raw gate, q/k L2 norm and beta sigmoid inside the op. ``ours`` uses the
 bounded gate (``lower_bound=-5``, what fla's ``safe_gate=True`` runs); ``ours_released`` the released model's
 unbounded gate, whose diagonal blocks need exact pairwise exponentials. Times are ``triton.testing.do_bench``
-medians. fwd runs under ``torch.no_grad`` (prefill: our op then takes its two-launch path over 16-token chunks);
+medians. fwd runs under ``torch.no_grad`` (prefill: our op then takes its two-kernel path over 16-token chunks);
 fwd+bwd is one forward and one backward with all grads (our autograd op, 64-token chunks).
 Roofline per shape: bytes = one read of q, k, v, raw gate (bf16), beta and one write of o (fwd; fwd+bwd adds
 reading do and writing dq, dk, dv, dg); FLOPs = the paper's 6Td² + 3TCd + TC² per head for the forward and

@@ -1,5 +1,5 @@
 """Chunk KDA on Triton behind the ``chunk_kda`` contract: an autograd op (forward and backward kernels) when a
-gradient is wanted, and a two-launch forward over 16-token chunks otherwise (``_prefill``: prefill, evaluation).
+gradient is wanted, and a two-kernel forward over 16-token chunks otherwise (``_prefill``: prefill, evaluation).
 
 Forward: :mod:`kimi_linear.ops.kda.triton_chunk_fwd`; backward: :mod:`kimi_linear.ops.kda.triton_chunk_bwd`.
 Gate activation, q/k L2 norm and beta sigmoid run inside the kernels; gradients flow to q, k, v, the raw gate

@@ -11,8 +11,9 @@
    blocks): ``V' = U - W S``, ``O = qg S + P V'``, ``S <- exp(G_last) S + kg^T V'``; optionally stores the
    state at every chunk start and V' (both needed by the backward pass).
 
-Without autograd (prefill), two launches over 16-token chunks: :func:`prefill_chunk_kernel` (all of a chunk's
-in-chunk work in one program) and :func:`state_out_kernel` with C = 16.
+Without autograd (prefill), two kernels over 16-token chunks: :func:`prefill_chunk_kernel` (all of a chunk's
+in-chunk work in one program) and :func:`state_out_kernel` with C = 16 (for one long sequence, pipelined over
+blocks of it: see ``triton_chunk._prefill``).
 
 Layouts: see :mod:`kimi_linear.ops.kda.triton_common`.
 """
