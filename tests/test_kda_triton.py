@@ -147,6 +147,7 @@ def test_prefill_is_used_without_autograd(monkeypatch):
     o, _ = chunk_kda_triton(**x)
     assert calls == ["prefill", "prefill"] and o.requires_grad
 
+
 @pytest.mark.parametrize("T,final,h0", [(70, True, True), (64, False, False), (97, True, False)])
 def test_prefill_pipeline_matches_one_pass(monkeypatch, T, final, h0):
     """One sequence: the chunk and state passes pipelined over blocks (here of 32 tokens, two 16-token chunks,

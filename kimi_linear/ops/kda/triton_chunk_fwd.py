@@ -249,39 +249,19 @@ def prefill_chunk_kernel(
     ``first + i + PREFETCH``, which a later program reads. AFTER_STATE (a dependent launch beside a state pass,
     see ``triton_chunk._prefill``): the last program ends only after that state pass has."""
     i_c, i_h = first + tl.program_id(0), tl.program_id(1)
-    if PREFETCH > 0:
-        prefetch_chunk(i_c + PREFETCH, i_h, q, k, v, g, chunk_start, chunk_len, n_chunks, H, K, V)
-    prefill_chunk(i_c, i_h, q, k, v, g, beta, A_log, dt_bias, W, U, P, qg, kg, G_end, chunk_start, chunk_len, scale,
-                  lower_bound, H, K, V, HAS_GATE, BOUNDED, L2NORM, SIGMOID, PREC)
-    if AFTER_STATE:
-        # one program is enough to hold the kernel's end back; the others free their SM slots as usual
-        if (tl.program_id(0) == tl.num_programs(0) - 1) & (i_h == tl.num_programs(1) - 1):
-            gdc_wait()
-
-
-@triton.jit
-def prefetch_chunk(i_c, i_h, q, k, v, g, chunk_start, chunk_len, n_chunks, H, K: tl.constexpr, V: tl.constexpr):
-    """Ask L2 for the inputs of chunk i_c (if < n_chunks) and head i_h, which a later program reads."""
-    if i_c < n_chunks:
-        t0 = tl.load(chunk_start + i_c)
-        n = tl.load(chunk_len + i_c)
-        prefetch_rows(g, t0, n, H, i_h, K, SUB)
-        prefetch_rows(k, t0, n, H, i_h, K, SUB)
-        prefetch_rows(q, t0, n, H, i_h, K, SUB)
-        prefetch_rows(v, t0, n, H, i_h, V, SUB)
-
-
-@triton.jit
-def prefill_chunk(
-    i_c, i_h, q, k, v, g, beta, A_log, dt_bias, W, U, P, qg, kg, G_end, chunk_start, chunk_len, scale, lower_bound, H,
-    K: tl.constexpr, V: tl.constexpr, HAS_GATE: tl.constexpr, BOUNDED: tl.constexpr, L2NORM: tl.constexpr,
-    SIGMOID: tl.constexpr, PREC: tl.constexpr,
-):
-    """The work of :func:`prefill_chunk_kernel` for chunk i_c and head i_h."""
     t0 = tl.load(chunk_start + i_c)
     n = tl.load(chunk_len + i_c)
     rows = tl.arange(0, SUB)
     valid = rows < n
+    if PREFETCH > 0:
+        ahead = i_c + PREFETCH
+        if ahead < n_chunks:
+            t_a = tl.load(chunk_start + ahead)
+            n_a = tl.load(chunk_len + ahead)
+            prefetch_rows(g, t_a, n_a, H, i_h, K, SUB)
+            prefetch_rows(k, t_a, n_a, H, i_h, K, SUB)
+            prefetch_rows(q, t_a, n_a, H, i_h, K, SUB)
+            prefetch_rows(v, t_a, n_a, H, i_h, V, SUB)
     gt = load_rows(g, t0, 0, n, H, i_h, K, SUB)
     if HAS_GATE:
         a = tl.exp(tl.load(A_log + i_h))
@@ -327,6 +307,10 @@ def prefill_chunk(
     store_rows(W, tl.dot(mb * rk[None, :], k_dn, input_precision=PREC), t0, 0, n, H, i_h, K, SUB)
     store_rows(U, tl.dot(mb, load_rows(v, t0, 0, n, H, i_h, V, SUB), input_precision=PREC), t0, 0, n, H, i_h, V,
                SUB)
+    if AFTER_STATE:
+        # one program is enough to hold the kernel's end back; the others free their SM slots as usual
+        if (tl.program_id(0) == tl.num_programs(0) - 1) & (i_h == tl.num_programs(1) - 1):
+            gdc_wait()
 
 
 @triton.jit
@@ -359,25 +343,6 @@ def state_out_step(S, i, bos, eos, c0, h_first, i_v, i_h, W, U, P, qg, kg, G, o,
 
 
 @triton.jit
-def state_out_steps(S, first, last, bos, eos, c0, h_first, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H,
-                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, G_PER_CHUNK: tl.constexpr,
-                    STORE_H: tl.constexpr, H_EVERY: tl.constexpr, STORE_V: tl.constexpr, STAGES: tl.constexpr,
-                    PREC: tl.constexpr):
-    """:func:`state_out_step` over chunks first .. last-1; returns the state after them."""
-    if STAGES > 1:  # compiled: a pipelined loop prefetches the next chunks' tiles
-        for i in tl.range(first, last, num_stages=STAGES):
-            S = state_out_step(S, i, bos, eos, c0, h_first, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H, K, V, BV,
-                               C, G_PER_CHUNK, STORE_H, H_EVERY, STORE_V, PREC)
-    else:  # no prefetch; and the interpreter (numpy >= 2.3) cannot take a run-time trip count in range()
-        i = first
-        while i < last:
-            S = state_out_step(S, i, bos, eos, c0, h_first, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H, K, V, BV,
-                               C, G_PER_CHUNK, STORE_H, H_EVERY, STORE_V, PREC)
-            i += 1
-    return S
-
-
-@triton.jit
 def state_out_kernel(
     W, U, P, qg, kg, G, o, h0, hT, h, v_new, cu_seqlens, chunk_offset, h_offset, H, c_begin, c_end,
     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, G_PER_CHUNK: tl.constexpr,
@@ -395,7 +360,16 @@ def state_out_kernel(
     i_v, i_h, bos, eos, c0, n_chunks, state_offs = state_program(cu_seqlens, chunk_offset, H, K, V, BV, C)
     h_first = tl.load(h_offset + tl.program_id(1) // H)
     S = load_state_or_zeros(h0, state_offs, HAS_H0, K, BV)
-    S = state_out_steps(S, c_begin, tl.minimum(n_chunks, c_end), bos, eos, c0, h_first, i_v, i_h, W, U, P, qg, kg,
-                        G, o, h, v_new, H, K, V, BV, C, G_PER_CHUNK, STORE_H, H_EVERY, STORE_V, STAGES, PREC)
+    last = tl.minimum(n_chunks, c_end)
+    if STAGES > 1:  # compiled: a pipelined loop prefetches the next chunks' tiles
+        for i in tl.range(c_begin, last, num_stages=STAGES):
+            S = state_out_step(S, i, bos, eos, c0, h_first, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H, K, V, BV,
+                               C, G_PER_CHUNK, STORE_H, H_EVERY, STORE_V, PREC)
+    else:  # no prefetch; and the interpreter (numpy >= 2.3) cannot take a run-time trip count in range()
+        i = c_begin
+        while i < last:
+            S = state_out_step(S, i, bos, eos, c0, h_first, i_v, i_h, W, U, P, qg, kg, G, o, h, v_new, H, K, V, BV,
+                               C, G_PER_CHUNK, STORE_H, H_EVERY, STORE_V, PREC)
+            i += 1
     if STORE_HT:
         tl.store(hT + state_offs, S)
