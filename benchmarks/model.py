@@ -6,7 +6,6 @@ Shapes: the released layer shapes (hidden 2304, KDA 32 heads x 128, MLA as relea
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, markdown_table, write_results  # noqa: E402
 from kimi_linear import HybridCache, KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
+from kimi_linear.ops.backend import use_backend  # noqa: E402
 
 BACKENDS = ("torch", "triton")
 
@@ -51,14 +51,13 @@ def main() -> None:
         x = torch.randint(0, 32768, (B, T), device="cuda")
         row = {"case": f"train step B={B} T={T}"}
         for backend in BACKENDS:
-            os.environ["KIMI_LINEAR_BACKEND"] = backend
-
             def step(x=x):
                 model.zero_grad(set_to_none=True)
                 model(x, labels=x).loss.backward()
 
             try:
-                row[f"{backend} ms"] = timed(step, iters=3)
+                with use_backend(backend):
+                    row[f"{backend} ms"] = timed(step, iters=3)
             except torch.OutOfMemoryError:  # the PyTorch chunkwise KDA materialises per-chunk decay tensors
                 torch.cuda.empty_cache()
                 row[f"{backend} ms"] = float("nan")
@@ -69,8 +68,7 @@ def main() -> None:
         row = {"case": f"decode N={N} context={context}"}
         prompt = torch.randint(0, 32768, (N, context), device="cuda")
         for backend in BACKENDS:
-            os.environ["KIMI_LINEAR_BACKEND"] = backend
-            with torch.no_grad():
+            with use_backend(backend), torch.no_grad():
                 cache = HybridCache(model.config, N, context + 64, device="cuda", dtype=torch.bfloat16)
                 model(prompt, cache=cache, num_logits_to_keep=1)
                 token = prompt[:, -1:]
@@ -82,7 +80,6 @@ def main() -> None:
                 row[f"{backend} ms"] = timed(decode, warmup=3, iters=20)
         row["speedup"] = row["torch ms"] / row["triton ms"]
         rows.append(row)
-    os.environ.pop("KIMI_LINEAR_BACKEND", None)
     table = markdown_table(rows, ["case", "torch ms", "triton ms", "speedup"])
     print(table)
     write_results("model", environment(), rows, table)

@@ -2,7 +2,7 @@
 update) on the ``1b`` preset (~0.9B parameters, ~0.3B activated), bf16 compute over fp32 master weights (FSDP2
 mixed precision, also on one GPU).
 
-Rows (one GPU): ours with the Triton KDA kernels (``KIMI_LINEAR_BACKEND=triton``), ours with the PyTorch
+Rows (one GPU): ours with the Triton KDA kernels (backend ``triton``), ours with the PyTorch
 chunkwise KDA (``torch``), and transformers' native ``kimi_linear`` (fla-core kernels when installed) on the same
 config and weights with the same optimizer. Ours trains on packed documents (the real pipeline: built-in corpus,
 ``position_ids`` restarting per document); transformers gets the same rows unpacked (it has no packed training path).
@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
+from kimi_linear.ops.backend import set_backend  # noqa: E402
 from kimi_linear.train.checkpointing import save_model  # noqa: E402
 from kimi_linear.train.distributed import apply_fsdp, clip_grad_norm, uses_fsdp  # noqa: E402
 from kimi_linear.train.metrics import peak_flops  # noqa: E402
@@ -83,7 +84,7 @@ def row(impl: str, trainer: Trainer, gpus: int, batch: int, seconds: float) -> d
 
 
 def bench_ours(args, backend: str, batch: int, run_dir: str) -> tuple[dict, Trainer]:
-    os.environ["KIMI_LINEAR_BACKEND"] = backend
+    set_backend(backend)
     release_memory()
     trainer = make_trainer(args, run_dir, batch)
     seconds = timed_steps(trainer.train_step, args.warmup, args.iters)
@@ -139,7 +140,8 @@ def single_gpu(args) -> list[dict]:
 
 
 def distributed(args) -> list[dict]:
-    backend = os.environ["KIMI_LINEAR_BACKEND"] = "triton" if torch.cuda.is_available() else "torch"
+    backend = "triton" if torch.cuda.is_available() else "torch"
+    set_backend(backend)
     with tempfile.TemporaryDirectory() as run_dir:
         world = int(os.environ["WORLD_SIZE"])
         trainer = make_trainer(args, run_dir, args.batch_size * world, expert_parallel=True)

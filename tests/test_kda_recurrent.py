@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kimi_linear.ops.backend import BACKEND_ENV
+from kimi_linear.ops.backend import use_backend
 from kimi_linear.ops.kda import fused_recurrent_kda
 from kimi_linear.ops.kda.gate import prepare_kda_inputs
 from kimi_linear.ops.kda.naive import naive_recurrent_kda
@@ -120,25 +120,25 @@ def test_triton_strided_inputs_plain_gates_and_pool_slice(T):
 
 
 @pytest.mark.parametrize("gate", ["softplus", "bounded"])
-def test_torch_path_matches_oracle(gate, monkeypatch):
-    monkeypatch.setenv(BACKEND_ENV, "torch")
-    check_step(fused_recurrent_kda, 5, 2, 2, 16, 16, gate, SLOTS)
+def test_torch_path_matches_oracle(gate):
+    with use_backend("torch"):
+        check_step(fused_recurrent_kda, 5, 2, 2, 16, 16, gate, SLOTS)
 
 
-def test_backend_switch(monkeypatch):
+def test_backend_switch():
     x, opts = make_inputs(3, 1, 2, 16, 16, "bounded")
     pool = torch.randn(4, 2, 16, 16, device=DEVICE)
     slots = torch.tensor([1, 3, 0], device=DEVICE)
     outs = {}
     for choice in ("torch", "triton"):
-        monkeypatch.setenv(BACKEND_ENV, choice)
         p = pool.clone()
-        outs[choice] = (fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=p,
-                                            state_indices=slots, **opts), p)
+        with use_backend(choice):
+            outs[choice] = (fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=p,
+                                                state_indices=slots, **opts), p)
     assert rel_err(outs["triton"][0], outs["torch"][0]) < 1e-5
     assert rel_err(outs["triton"][1], outs["torch"][1]) < 1e-5
-    monkeypatch.setenv(BACKEND_ENV, "cuda")
-    with pytest.raises(ValueError, match=BACKEND_ENV):
+    # an unknown backend is refused when chosen (test_backend.py: also when it comes from the environment)
+    with pytest.raises(ValueError, match="backend"), use_backend("cuda"):
         fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=pool, state_indices=slots, **opts)
 
 

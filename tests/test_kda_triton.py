@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kimi_linear.ops import kda
+from kimi_linear.ops.backend import use_backend
 from kimi_linear.ops.kda import chunk_kda_torch
 from kimi_linear.ops.kda.triton_chunk import chunk_kda_triton
 
@@ -232,19 +233,19 @@ def test_backend_switch(monkeypatch):
     calls = []
     monkeypatch.setattr("kimi_linear.ops.kda.triton_chunk.chunk_kda_triton",
                         lambda *a, **k: calls.append("triton") or chunk_kda_torch(*a, **k))
-    monkeypatch.delenv("KIMI_LINEAR_BACKEND", raising=False)
     for name, expected in (("torch", []), ("triton", ["triton"]), ("auto", ["triton"] if CUDA else [])):
         calls.clear()
-        kda.set_backend(name)
-        kda.chunk_kda(**x)
+        with use_backend(name):
+            kda.chunk_kda(**x)
         assert calls == expected, name
-    monkeypatch.setenv("KIMI_LINEAR_BACKEND", "torch")
-    calls.clear()
-    kda.chunk_kda(**x)
-    assert calls == []
+    with use_backend("triton"):  # restores the session's choice after set_backend below
+        kda.set_backend("torch")
+        calls.clear()
+        kda.chunk_kda(**x)
+        assert calls == []
     # a shape the kernels do not take stays on the PyTorch path even when the kernels are forced
-    kda.set_backend("triton")
-    kda.chunk_kda(**{n: t.detach() for n, t in make_inputs(20, 1, 16, 32, seed=5).items()})
+    with use_backend("triton"):
+        kda.chunk_kda(**{n: t.detach() for n, t in make_inputs(20, 1, 16, 32, seed=5).items()})
     assert calls == []
     with pytest.raises(ValueError):
         kda.set_backend("cuda")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kimi_linear import HybridCache, KimiLinearConfig, KimiLinearForCausalLM
-from kimi_linear.ops.backend import BACKEND_ENV
+from kimi_linear.ops.backend import use_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -46,15 +46,14 @@ def _run(model, x, pos, backward: bool):
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["inference", "training"])
-def test_triton_path_is_as_accurate_as_torch_path(dense, monkeypatch, backward):
+def test_triton_path_is_as_accurate_as_torch_path(dense, backward):
     ref, gpu = dense
     x = torch.randint(0, 256, (3, 300), generator=torch.Generator().manual_seed(1))
     pos = torch.cat([torch.arange(77), torch.arange(223)])[None].expand(3, -1)
     ref_logits, ref_grads = _run(ref, x, pos, backward)
     errors = {}
     for backend in ("torch", "triton"):
-        monkeypatch.setenv(BACKEND_ENV, backend)
-        with torch.set_grad_enabled(backward):
+        with use_backend(backend), torch.set_grad_enabled(backward):
             logits, grads = _run(gpu, x.cuda(), pos.cuda(), backward)
         errors[backend] = (rel(logits, ref_logits), rel(grads, ref_grads) if backward else 0.0)
     (torch_out, torch_grad), (triton_out, triton_grad) = errors["torch"], errors["triton"]

@@ -1,14 +1,18 @@
 """One switch for every op that has a kernel: ``auto`` (kernels on CUDA, PyTorch elsewhere), ``torch`` (the
 PyTorch reference everywhere) or ``triton`` (kernels everywhere; on the CPU that needs ``TRITON_INTERPRET=1``).
 
-Set it with :func:`set_backend` or the environment variable ``KIMI_LINEAR_BACKEND``; it is read at every call,
-so it can be flipped between steps (benchmarks and tests compare the two paths that way).
+The environment variable ``KIMI_LINEAR_BACKEND`` gives the choice when this module is imported, and only then:
+ops consult a module-level value, so a hot loop reads no environment, and setting the variable later changes
+nothing. Change the choice with :func:`set_backend`, or for a block of code with :func:`use_backend` (benchmarks
+and tests compare the two paths that way); :func:`get_backend` reports it.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 import torch
@@ -17,26 +21,42 @@ BACKEND_ENV = "KIMI_LINEAR_BACKEND"
 CHOICES = ("auto", "torch", "triton")
 
 
-def backend() -> str:
-    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if choice not in CHOICES:
-        raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(CHOICES)}, got {choice!r}")
-    return choice
+def _checked(name: str, source: str) -> str:
+    if name not in CHOICES:
+        raise ValueError(f"{source} must be one of {', '.join(CHOICES)}, got {name!r}")
+    return name
+
+
+_choice = _checked(os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto", BACKEND_ENV)
+
+
+def get_backend() -> str:
+    """The backend every op uses now: ``"auto"``, ``"torch"`` or ``"triton"``."""
+    return _choice
 
 
 def set_backend(name: str) -> None:
     """Choose the backend for this process (see the module docstring)."""
-    if name not in CHOICES:
-        raise ValueError(f"backend must be one of {', '.join(CHOICES)}, got {name!r}")
-    os.environ[BACKEND_ENV] = name
+    global _choice
+    _choice = _checked(name, "backend")
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run a block on backend ``name``; the previous choice comes back on exit, also when the block raises."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 def use_kernel(x: torch.Tensor, *, supported: bool = True) -> bool:
     """Whether an op called on ``x`` should run its Triton kernel. ``supported`` is the kernel's own verdict on
     the inputs (shapes, dtypes, whether it can give the gradients asked for): an unsupported call always takes
     the PyTorch path, so forcing ``triton`` never silently drops a gradient."""
-    choice = backend()
-    return supported and (choice == "triton" or (choice == "auto" and x.is_cuda))
+    return supported and (_choice == "triton" or (_choice == "auto" and x.is_cuda))
 
 
 def kernel_module(x: torch.Tensor, name: str, *inputs: torch.Tensor) -> ModuleType | None:

@@ -20,8 +20,9 @@ Extra keyword of ``chunk_kda``: ``output_chunk_states=True`` appends the states 
 chunk, ``[sum_n ceil(T_n / 64), H, K, V]`` fp32 (for prefix caching; see :mod:`kimi_linear.ops.kda.chunk`).
 
 Backend: CUDA tensors run the Triton kernels (:mod:`kimi_linear.ops.kda.triton_chunk`), anything else the
-PyTorch chunkwise path; :func:`kimi_linear.ops.backend.set_backend` (``"torch"``, ``"triton"``, ``"auto"``) or
-the environment variable ``KIMI_LINEAR_BACKEND`` overrides that for every op at once.
+PyTorch chunkwise path; :func:`kimi_linear.ops.backend.set_backend` (``"torch"``, ``"triton"``, ``"auto"``, also
+as :func:`~kimi_linear.ops.backend.use_backend` for a block) or the environment variable ``KIMI_LINEAR_BACKEND``
+(read once, at import) overrides that for every op at once.
 """
 
 from __future__ import annotations
