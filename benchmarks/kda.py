@@ -28,6 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, fla_version, markdown_table, write_results
+from kimi_linear.ops.kda import KDAOptions
 from kimi_linear.ops.kda.triton_chunk import chunk_kda_triton
 
 H, D, CHUNK = 32, 128, 64
@@ -45,11 +46,19 @@ def inputs(B: int, T: int, seed: int = 0) -> dict:
                 A_log=torch.rand(H, generator=gen, device="cuda").log(), dt_bias=rnd(H * D, dtype=torch.float32))
 
 
+def fused_options(x: dict, lower_bound: float | None) -> tuple[dict, KDAOptions]:
+    """x without A_log and dt_bias, and the options that fuse the gate (with x's A_log and dt_bias), the q/k L2 norm
+    and the beta sigmoid into the op."""
+    rest = {n: t for n, t in x.items() if n not in ("A_log", "dt_bias")}
+    return rest, KDAOptions(A_log=x["A_log"], dt_bias=x["dt_bias"], lower_bound=lower_bound, qk_l2norm=True,
+                            beta_sigmoid=True)
+
+
 def ours(x: dict, lower_bound: float | None = -5.0, **extra):
     """Our chunk KDA with gate, q/k L2 norm and beta sigmoid fused; x: q, k, v, g, beta, A_log, dt_bias (and
-    optionally initial_state); extra: further chunk_kda options."""
-    return chunk_kda_triton(**x, lower_bound=lower_bound, use_qk_l2norm_in_kernel=True,
-                            use_beta_sigmoid_in_kernel=True, **extra)
+    optionally initial_state); extra: further chunk_kda arguments."""
+    rest, options = fused_options(x, lower_bound)
+    return chunk_kda_triton(**rest, options=options, **extra)
 
 
 def fla(x: dict, lower_bound: float | None = -5.0, **extra):

@@ -51,8 +51,8 @@ def case_inputs(B: int, T: int, H: int, dt_bias: float | None, seed: int = 0) ->
 
 def reference(x: dict, lower_bound: float | None, **extra):
     """The PyTorch chunk path in fp64 on the same values, with the fusions of :func:`benchmarks.kda.ours`."""
-    return chunk_kda_torch(**{n: t.double() for n, t in x.items()}, lower_bound=lower_bound,
-                           use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, **extra)
+    rest, options = kda.fused_options({n: t.double() for n, t in x.items()}, lower_bound)
+    return chunk_kda_torch(**rest, options=options, **extra)
 
 
 def outputs_and_grads(fn, x: dict, lower_bound: float | None) -> dict:

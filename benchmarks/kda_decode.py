@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import fla_version
-from kimi_linear.ops.kda import fused_recurrent_kda
+from kimi_linear.ops.kda import KDAOptions, fused_recurrent_kda
 from kimi_linear.ops.kda.triton_recurrent import fused_recurrent_kda_triton
 
 H, K, V = 32, 128, 128
@@ -95,17 +95,16 @@ def decode_inputs(N: int, seed: int = 0) -> dict:
 
 def ours(x: dict, config: tuple[int, int] | None = None) -> Callable[[], torch.Tensor]:
     if config is not None:
-        return lambda: fused_recurrent_kda_triton(**_core(x), **_opts(x), config=config)
-    return lambda: fused_recurrent_kda(**_core(x), **_opts(x))
+        return lambda: fused_recurrent_kda_triton(**_core(x), options=_options(x), config=config)
+    return lambda: fused_recurrent_kda(**_core(x), options=_options(x))
 
 
 def fla_step(x: dict) -> Callable[[], torch.Tensor]:
     """fla-core's decode step on the same pool: in-place state update through ssm_state_indices."""
     from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd
 
-    opts = _opts(x)
     return lambda: fused_recurrent_kda_fwd(
-        x["q"], x["k"], x["v"], x["g"], x["beta"], A_log=opts["A_log"], dt_bias=opts["dt_bias"],
+        x["q"], x["k"], x["v"], x["g"], x["beta"], A_log=x["A_log"], dt_bias=x["dt_bias"],
         initial_state=x["state_pool"], inplace_final_state=True, ssm_state_indices=x["state_indices"],
         use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
     )[0]
@@ -115,8 +114,9 @@ def _core(x: dict) -> dict:
     return {name: x[name] for name in ("q", "k", "v", "g", "beta", "state_pool", "state_indices")}
 
 
-def _opts(x: dict) -> dict:
-    return dict(A_log=x["A_log"], dt_bias=x["dt_bias"], use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+def _options(x: dict) -> KDAOptions:
+    """The released model's decode step: gate, q/k L2 norm and beta sigmoid in the kernel."""
+    return KDAOptions(A_log=x["A_log"], dt_bias=x["dt_bias"], qk_l2norm=True, beta_sigmoid=True)
 
 
 def run(results_dir: str | Path | None = "benchmarks/results", sizes: tuple[int, ...] = SIZES) -> list[dict]:

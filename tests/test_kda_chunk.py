@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kda_args import kda_call
 
 from kimi_linear.ops.kda.chunk import chunk_kda
-from kimi_linear.ops.kda.gate import l2norm, prepare_kda_inputs
+from kimi_linear.ops.kda.gate import KDAOptions, l2norm
 from kimi_linear.ops.kda.naive import naive_recurrent_kda
 
 
@@ -37,18 +38,15 @@ def make_inputs(B, T, H, K, V, *, seed, dtype=torch.float32, fused=False, n_stat
 
 
 def options(fused, lower_bound=None):
+    """The KDAOptions flags of a test (the gate's parameters come from the inputs, see kda_args.kda_call)."""
     if not fused:
         return {}
-    return {"use_qk_l2norm_in_kernel": True, "use_beta_sigmoid_in_kernel": True, "lower_bound": lower_bound}
+    return {"qk_l2norm": True, "beta_sigmoid": True, "lower_bound": lower_bound}
 
 
-def naive_with_options(q, k, v, g, beta, *, A_log=None, dt_bias=None, lower_bound=None,
-                       use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False, **kw):
+def naive_with_options(q, k, v, g, beta, *, options, **kw):
     """The oracle behind the same PyTorch pre-processing the chunk path uses."""
-    q, k, g, beta = prepare_kda_inputs(
-        q, k, g, beta, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-    )
+    q, k, g, beta = options.prepare(q, k, g, beta)
     return naive_recurrent_kda(q, k, v, g, beta, **kw)
 
 
@@ -59,7 +57,7 @@ def cotangents(o_shape, state_shape, seed):
 
 def grads_for(fn, x, do, dh, **kw):
     """Forward, then the gradient of ``<o, do> + <final_state, dh>`` w.r.t. every tensor of ``x``."""
-    o, final = fn(**x, output_final_state=True, **kw)
+    o, final = kda_call(fn, x, output_final_state=True, **kw)
     grads = torch.autograd.grad((o * do.to(o.dtype)).sum() + (final * dh.to(final.dtype)).sum(), list(x.values()))
     return o, final, dict(zip(x.keys(), grads))
 
@@ -88,7 +86,7 @@ def test_matches_naive_outputs_states_and_grads(T):
 @pytest.mark.parametrize("lower_bound", [None, -5.0])
 def test_fused_options_match_naive_with_grads(lower_bound):
     x = make_inputs(1, 97, 2, 32, 16, seed=7, fused=True)
-    assert_match(chunk_kda, naive_with_options, x, seed=7, tol=1e-5, **options(True, lower_bound))
+    assert_match(chunk_kda, naive_with_options, x, seed=7, tol=1e-5, flags=options(True, lower_bound))
 
 
 def test_strong_decay_stays_finite_and_exact():
@@ -125,7 +123,7 @@ def test_packed_sequences_equal_separate_runs(fused):
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     x = make_inputs(1, sum(lengths), 2, 16, 8, seed=21, fused=fused, n_state=len(lengths))
     do, dh = cotangents(x["v"].shape, x["initial_state"].shape, seed=21)
-    o, f, grads = grads_for(chunk_kda, x, do, dh, cu_seqlens=cu, **options(fused))
+    o, f, grads = grads_for(chunk_kda, x, do, dh, cu_seqlens=cu, flags=options(fused))
     shared = {"A_log", "dt_bias"} & x.keys()
     shared_total = {name: torch.zeros_like(grads[name]) for name in shared}
     for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
@@ -138,7 +136,7 @@ def test_packed_sequences_equal_separate_runs(fused):
             .detach().clone().requires_grad_()
             for name, t in x.items()
         }
-        o_n, f_n, g_n = grads_for(chunk_kda, xs, do[:, s:e], dh[n : n + 1], **options(fused))
+        o_n, f_n, g_n = grads_for(chunk_kda, xs, do[:, s:e], dh[n : n + 1], flags=options(fused))
         assert rel_err(o[:, s:e], o_n) <= 1e-6
         assert rel_err(f[n : n + 1], f_n) <= 1e-6
         for name, gr in g_n.items():
@@ -223,8 +221,10 @@ def test_bad_inputs_raise():
         with pytest.raises(ValueError):
             chunk_kda(**{**one, "initial_state": None}, cu_seqlens=cu)
     with pytest.raises(ValueError):
-        chunk_kda(**x, A_log=torch.zeros(2))  # no dt_bias
+        chunk_kda(**x, options=KDAOptions(A_log=torch.zeros(2)))  # no dt_bias
     with pytest.raises(ValueError):
-        chunk_kda(**x, lower_bound=-5.0)  # bounded gate without A_log
+        chunk_kda(**x, options=KDAOptions(lower_bound=-5.0))  # bounded gate without A_log
+    with pytest.raises(ValueError, match="without A_log"):
+        chunk_kda(**x, options=KDAOptions(dt_bias=torch.zeros(32)))  # a gate bias that would be ignored
     with pytest.raises(ValueError, match="dt_bias H \\* K = 32"):
-        chunk_kda(**x, A_log=torch.zeros(2), dt_bias=torch.zeros(16))
+        chunk_kda(**x, options=KDAOptions(A_log=torch.zeros(2), dt_bias=torch.zeros(16)))

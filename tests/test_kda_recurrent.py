@@ -8,7 +8,7 @@ import torch
 
 from kimi_linear.ops.backend import use_backend
 from kimi_linear.ops.kda import fused_recurrent_kda
-from kimi_linear.ops.kda.gate import prepare_kda_inputs
+from kimi_linear.ops.kda.gate import KDAOptions
 from kimi_linear.ops.kda.naive import naive_recurrent_kda
 from kimi_linear.ops.kda.triton_recurrent import _kda_decode_kernel, fused_recurrent_kda_triton
 
@@ -31,23 +31,18 @@ def make_inputs(N, T, H, K, V, gate, dtype=torch.float32, device=DEVICE, seed=0)
     with_gate, lower_bound = GATES[gate]
     x = dict(q=rand(N, T, H, K).to(dtype), k=rand(N, T, H, K).to(dtype), v=rand(N, T, H, V).to(dtype),
              beta=rand(N, T, H))
-    opts = dict(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
     if with_gate:
         x["g"] = rand(N, T, H, K)
-        opts.update(A_log=rand(H) * 0.5, dt_bias=rand(H * K), lower_bound=lower_bound)
+        gate = dict(A_log=rand(H) * 0.5, dt_bias=rand(H * K), lower_bound=lower_bound)
     else:
         x["g"] = -torch.rand(N, T, H, K, generator=gen).to(device) * 0.5
-    return x, opts
+        gate = {}
+    return x, KDAOptions(qk_l2norm=True, beta_sigmoid=True, **gate)
 
 
 def reference(x, opts, pool, slots):
     """fp64 oracle of the pool update: returns (o, pool after the step)."""
-    q, k, g, beta = prepare_kda_inputs(
-        x["q"].double(), x["k"].double(), x["g"].double(), x["beta"].double(),
-        A_log=opts.get("A_log"), dt_bias=opts.get("dt_bias"), lower_bound=opts.get("lower_bound"),
-        use_qk_l2norm_in_kernel=opts["use_qk_l2norm_in_kernel"],
-        use_beta_sigmoid_in_kernel=opts["use_beta_sigmoid_in_kernel"],
-    )
+    q, k, g, beta = opts.prepare(x["q"].double(), x["k"].double(), x["g"].double(), x["beta"].double())
     valid = slots >= 0
     rows = slots.long().clamp(min=0)
     o, final = naive_recurrent_kda(q.double(), k.double(), x["v"].double(), g.double(), beta.double(),
@@ -68,7 +63,7 @@ def check_step(op, N, T, H, K, V, gate, slots, dtype=torch.float32, device=DEVIC
     slots = slots.to(device)
     o_ref, pool_ref = reference(x, opts, pool, slots)
     out_pool = pool.clone()
-    o = op(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=out_pool, state_indices=slots, **opts)
+    o = op(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=out_pool, state_indices=slots, options=opts)
     assert o.dtype == x["v"].dtype and o.shape == x["v"].shape
     touched = torch.zeros(P, dtype=torch.bool, device=device)
     touched[slots[slots >= 0].long()] = True
@@ -112,10 +107,10 @@ def test_triton_strided_inputs_plain_gates_and_pool_slice(T):
     x["beta"] = x["beta"].sigmoid()
     cache = torch.randn(2, 4, H, K, V, device=DEVICE)
     slots = torch.tensor([3, 1, 0], device=DEVICE)
-    opts = dict(use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False)
+    opts = KDAOptions()
     o_ref, pool_ref = reference(x, opts, cache[1], slots)
     o = fused_recurrent_kda_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=cache[1],
-                                   state_indices=slots, scale=K**-0.5, **opts)
+                                   state_indices=slots, scale=K**-0.5, options=opts)
     assert rel_err(o, o_ref) < 1e-5 and rel_err(cache[1], pool_ref) < 1e-5
 
 
@@ -134,12 +129,13 @@ def test_backend_switch():
         p = pool.clone()
         with use_backend(choice):
             outs[choice] = (fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=p,
-                                                state_indices=slots, **opts), p)
+                                                state_indices=slots, options=opts), p)
     assert rel_err(outs["triton"][0], outs["torch"][0]) < 1e-5
     assert rel_err(outs["triton"][1], outs["torch"][1]) < 1e-5
     # an unknown backend is refused when chosen (test_backend.py: also when it comes from the environment)
     with pytest.raises(ValueError, match="backend"), use_backend("cuda"):
-        fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=pool, state_indices=slots, **opts)
+        fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=pool, state_indices=slots,
+                            options=opts)
 
 
 def test_triton_rejects_bad_inputs():
@@ -148,15 +144,16 @@ def test_triton_rejects_bad_inputs():
     slots = torch.tensor([0, 1], device=DEVICE)
     with pytest.raises(ValueError, match="state_pool"):
         fused_recurrent_kda_triton(*args, state_pool=torch.zeros(2, 2, 16, 16, dtype=torch.float64),
-                                   state_indices=slots, **opts)
+                                   state_indices=slots, options=opts)
     with pytest.raises(ValueError, match="state_indices"):
-        fused_recurrent_kda_triton(*args, state_pool=torch.zeros(2, 2, 16, 16), state_indices=slots[:1], **opts)
+        fused_recurrent_kda_triton(*args, state_pool=torch.zeros(2, 2, 16, 16), state_indices=slots[:1],
+                                   options=opts)
     with pytest.raises(ValueError, match="powers of two"):
         fused_recurrent_kda_triton(x["q"][..., :12], x["k"][..., :12], x["v"], x["g"][..., :12], x["beta"],
                                    state_pool=torch.zeros(2, 2, 12, 16), state_indices=slots)
     with pytest.raises(ValueError, match="dt_bias"):
         fused_recurrent_kda_triton(*args, state_pool=torch.zeros(2, 2, 16, 16), state_indices=slots,
-                                   A_log=opts["A_log"])
+                                   options=KDAOptions(A_log=opts.A_log))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -187,10 +184,10 @@ def test_gpu_output_independent_of_batch_size():
     slots = torch.arange(256, device="cuda")
     big = pool.clone()
     o_big = fused_recurrent_kda_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=big,
-                                       state_indices=slots, **opts)
+                                       state_indices=slots, options=opts)
     small = pool.clone()
     o_small = fused_recurrent_kda_triton(x["q"][:1], x["k"][:1], x["v"][:1], x["g"][:1], x["beta"][:1],
-                                         state_pool=small, state_indices=slots[:1], **opts)
+                                         state_pool=small, state_indices=slots[:1], options=opts)
     torch.testing.assert_close(o_small, o_big[:1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(small[0], big[0], rtol=1e-5, atol=1e-5)
 
@@ -206,7 +203,7 @@ def test_gpu_cuda_graph_replay():
 
     def step():
         return fused_recurrent_kda_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=scratch,
-                                          state_indices=slots, **opts)
+                                          state_indices=slots, options=opts)
 
     step()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -219,6 +216,6 @@ def test_gpu_cuda_graph_replay():
     graph.replay()
     eager_pool = pool.clone()
     o_eager = fused_recurrent_kda_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=eager_pool,
-                                         state_indices=slots, **opts)
+                                         state_indices=slots, options=opts)
     torch.testing.assert_close(o_graph, o_eager, rtol=0, atol=0)
     torch.testing.assert_close(scratch, eager_pool, rtol=0, atol=0)

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from kda_args import kda_call
 
 from kimi_linear.ops import kda
 from kimi_linear.ops.backend import use_backend
@@ -53,15 +54,15 @@ def make_inputs(T, H, K, V, *, seed, B=1, n_state=None, gate="plain", dtype=torc
 
 
 def options(gate: str) -> dict:
+    """The KDAOptions flags of a gate kind (A_log and dt_bias come from the inputs, see kda_args.kda_call)."""
     if gate == "plain":
         return {}
-    return {"use_qk_l2norm_in_kernel": True, "use_beta_sigmoid_in_kernel": True,
-            "lower_bound": -5.0 if gate == "bounded" else None}
+    return {"qk_l2norm": True, "beta_sigmoid": True, "lower_bound": -5.0 if gate == "bounded" else None}
 
 
 def forward_backward(fn, x, seed, **kw):
     """Outputs and the gradients of a random linear functional of (o, final_state) w.r.t. every input."""
-    o, final = fn(**x, output_final_state=True, **kw)
+    o, final = kda_call(fn, x, output_final_state=True, **kw)
     gen = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(o.shape, generator=gen).to(o.device, o.dtype)
     dh = torch.randn(final.shape, generator=gen).to(final.device)
@@ -90,7 +91,7 @@ def test_matches_torch_chunk(T, gate):
     # steep gates drive G to ~-1000 inside a chunk, where fp32 holds G differences only to ~1e-4 (the PyTorch
     # chunk path in fp32 is off from fp64 by as much): dA_log, a sum with cancellation, feels it most
     tol = 5e-4 if gate == "steep" else 1e-4
-    assert_close(x, seed=T, tol=tol if not CUDA else 5e-3, **options(gate))
+    assert_close(x, seed=T, tol=tol if not CUDA else 5e-3, flags=options(gate))
 
 
 @pytest.mark.parametrize("K,V,gate", [(128, 64, "bounded"), (128, 32, "steep"), (64, 128, "released"),
@@ -102,16 +103,17 @@ def test_wide_heads_match_torch_chunk(K, V, gate):
     # dg's ~3e-6 fp32 error into ~5e-4 (the old single-program kernel gave the same numbers)
     tol_for = {"dA_log": 5e-3} if gate != "released" else None
     tol = 5e-4 if gate == "steep" else 1e-4
-    assert_close(x, seed=K + V, tol=tol if not CUDA else 5e-3, tol_for=tol_for, **options(gate))
+    assert_close(x, seed=K + V, tol=tol if not CUDA else 5e-3, tol_for=tol_for, flags=options(gate))
 
 
 def prefill_close(x, tol, **kw):
     """The forward without autograd (the 16-token-chunk prefill path) against the PyTorch chunk path in fp64: o,
     the final state and the chunk states."""
     x = {n: t.detach() for n, t in x.items()}
-    o, f, states = chunk_kda_triton(**x, output_final_state=True, output_chunk_states=True, **kw)
+    o, f, states = kda_call(chunk_kda_triton, x, output_final_state=True, output_chunk_states=True, **kw)
     ref = {n: t.double() for n, t in x.items()}
-    o_r, f_r, states_r = chunk_kda_torch(**ref, output_final_state=True, output_chunk_states=True, **kw)
+    o_r, f_r, states_r = kda_call(chunk_kda_torch, ref, output_final_state=True, output_chunk_states=True,
+                                   **kw)
     assert o.dtype == x["v"].dtype and states.shape == states_r.shape and states.dtype == torch.float32
     errors = {"o": rel_err(o, o_r), "final_state": rel_err(f, f_r), "states": rel_err(states, states_r)}
     assert all(e <= tol for e in errors.values()), errors
@@ -123,7 +125,7 @@ def test_prefill_matches_torch_chunk(T, gate):
     """Odd lengths: a lone token, a 16-token chunk plus one, a 64-token chunk plus a partial one. The steep gate
     sends chunks down the exact pairwise path."""
     x = make_inputs(T, 2, 32, 32, B=2, seed=20 + T, gate=gate)
-    prefill_close(x, tol=(5e-4 if gate == "steep" else 1e-4) if not CUDA else 5e-3, **options(gate))
+    prefill_close(x, tol=(5e-4 if gate == "steep" else 1e-4) if not CUDA else 5e-3, flags=options(gate))
 
 
 def test_prefill_packed_sequences():
@@ -131,7 +133,7 @@ def test_prefill_packed_sequences():
     lengths = [17, 64, 0, 40, 1, 81]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     x = make_inputs(sum(lengths), 2, 32, 64, seed=21, n_state=len(lengths), gate="released")
-    prefill_close(x, tol=1e-4 if not CUDA else 5e-3, cu_seqlens=cu, **options("released"))
+    prefill_close(x, tol=1e-4 if not CUDA else 5e-3, cu_seqlens=cu, flags=options("released"))
 
 
 def test_prefill_is_used_without_autograd(monkeypatch):
@@ -161,25 +163,25 @@ def test_prefill_pipeline_matches_one_pass(monkeypatch, T, final, h0):
     x = {n: t.detach() for n, t in make_inputs(T, 2, 32, 64, seed=30 + T, gate="bounded").items()}
     if not h0:
         del x["initial_state"]
-    kw = dict(output_final_state=final, output_chunk_states=True, **options("bounded"))
+    kw = dict(output_final_state=final, output_chunk_states=True, flags=options("bounded"))
     monkeypatch.setattr(triton_chunk, "PIPELINE_TOKENS", 1 << 30)
-    whole = chunk_kda_triton(**x, **kw)
+    whole = kda_call(chunk_kda_triton, x, **kw)
     monkeypatch.setattr(triton_chunk, "PIPELINE_TOKENS", 32)
-    piped = chunk_kda_triton(**x, **kw)
+    piped = kda_call(chunk_kda_triton, x, **kw)
     cu = torch.tensor([0, T], dtype=torch.int32, device=DEVICE)
-    packed = chunk_kda_triton(**x, cu_seqlens=cu, **kw)
+    packed = kda_call(chunk_kda_triton, x, cu_seqlens=cu, **kw)
     assert (whole[1] is None) == (not final)
     for a, b, c in zip(whole, piped, packed):
         assert (a is b is c is None) or (torch.equal(a, b) and torch.equal(a, c))
     if h0 and final:
-        prefill_close(x, tol=1e-4 if not CUDA else 5e-3, **options("bounded"))
+        prefill_close(x, tol=1e-4 if not CUDA else 5e-3, flags=options("bounded"))
 
 
 def test_packed_sequences_with_an_empty_one():
     lengths = [17, 64, 0, 40, 1]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     x = make_inputs(sum(lengths), 2, 32, 64, seed=3, n_state=len(lengths), gate="released")
-    assert_close(x, seed=3, tol=1e-4 if not CUDA else 5e-3, cu_seqlens=cu, **options("released"))
+    assert_close(x, seed=3, tol=1e-4 if not CUDA else 5e-3, cu_seqlens=cu, flags=options("released"))
 
 
 def test_chunk_states_match_torch():
@@ -274,8 +276,8 @@ def check_against_fp64(x, seed, **kw):
 @pytest.mark.parametrize("gate", ["released", "bounded"])
 def test_gpu_bf16_against_fp64(gate):
     x = make_inputs(1000, 4, 128, 128, B=2, seed=11, gate=gate, dtype=torch.bfloat16)
-    print(gate, check_against_fp64(x, seed=11, **options(gate)))
-    print(gate, "prefill", prefill_close(x, tol=5e-3, **options(gate)))
+    print(gate, check_against_fp64(x, seed=11, flags=options(gate)))
+    print(gate, "prefill", prefill_close(x, tol=5e-3, flags=options(gate)))
 
 
 @gpu
@@ -286,8 +288,8 @@ def test_gpu_long_sequence_near_lower_bound_is_finite_and_accurate():
         x["dt_bias"].fill_(6.0)  # sigmoid(exp(A_log) (f + 6)) mostly in (0.7, 1): g near lower_bound
     # H100 (2026-11-22): o 3.1e-3, every gradient <= 3.8e-3. The gate gradients are sums whose terms largely
     # cancel; with single-pass TF32 diagonal-block score gradients they were off by up to 1e-1 here (grads_kernel_b)
-    print("long", check_against_fp64(x, seed=12, **options("bounded")))
-    print("long prefill", prefill_close(x, tol=5e-3, **options("bounded")))
+    print("long", check_against_fp64(x, seed=12, flags=options("bounded")))
+    print("long prefill", prefill_close(x, tol=5e-3, flags=options("bounded")))
 
 
 @gpu
@@ -295,12 +297,12 @@ def test_gpu_long_sequence_near_lower_bound_is_finite_and_accurate():
 def test_gpu_batch_invariance_causality_and_packing(autograd):
     x = {n: t.detach().requires_grad_(autograd) for n, t in make_inputs(
         300, 4, 128, 128, B=3, seed=13, gate="released", dtype=torch.bfloat16).items()}
-    opts = options("released")
-    o, f = chunk_kda_triton(**x, output_final_state=True, **opts)
+    flags = options("released")
+    o, f = kda_call(chunk_kda_triton, x, flags, output_final_state=True)
     assert o.requires_grad == autograd
     for b in range(3):
         one = {n: (t[b : b + 1] if n not in ("A_log", "dt_bias") else t) for n, t in x.items()}
-        o_b, f_b = chunk_kda_triton(**one, output_final_state=True, **opts)
+        o_b, f_b = kda_call(chunk_kda_triton, one, flags, output_final_state=True)
         assert torch.equal(o[b : b + 1], o_b) and torch.equal(f[b : b + 1], f_b)
     # causality: perturb token t of sequence 0, nothing before t moves
     t = 150
@@ -308,13 +310,13 @@ def test_gpu_batch_invariance_causality_and_packing(autograd):
     with torch.no_grad():
         for name in ("q", "k", "v", "g", "beta"):
             bumped[name][:, t] += 1.0
-    o2, _ = chunk_kda_triton(**bumped, **opts)
+    o2, _ = kda_call(chunk_kda_triton, bumped, flags)
     assert torch.equal(o2[:, :t], o[:, :t]) and not torch.equal(o2[:, t], o[:, t])
     # packing the three sequences end to end (B = 1) changes nothing and leaks no state
     packed = {n: (t.flatten(0, 1)[None] if n not in ("A_log", "dt_bias", "initial_state") else t)
               for n, t in x.items()}
     cu = torch.tensor([0, 300, 600, 900], dtype=torch.int32, device=DEVICE)
-    o_p, f_p = chunk_kda_triton(**packed, cu_seqlens=cu, output_final_state=True, **opts)
+    o_p, f_p = kda_call(chunk_kda_triton, packed, flags, cu_seqlens=cu, output_final_state=True)
     assert torch.equal(o_p.view_as(o), o) and torch.equal(f_p, f)
 
 
@@ -323,7 +325,7 @@ def test_grads_causal():
     mixes later rows in, such as a reverse cumsum taken as total - prefix on the GPU, shows up here)."""
     T, D, t = (200, 128, 100) if CUDA else (100, 32, 60)
     x = make_inputs(T, 2, D, D, seed=14, gate="bounded", dtype=torch.bfloat16 if CUDA else torch.float32)
-    o, _ = chunk_kda_triton(**x, **options("bounded"))
+    o, _ = kda_call(chunk_kda_triton, x, options("bounded"))
     grads = torch.autograd.grad(o[:, :t].float().sum(), [x["q"], x["k"], x["v"], x["g"], x["beta"]])
     for gr in grads:
         assert not gr[:, t:].any()

@@ -21,7 +21,7 @@ from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.norm import RMSNorm
 from kimi_linear.layers.packing import SequenceInfo
 from kimi_linear.ops.conv import causal_conv1d
-from kimi_linear.ops.kda import chunk_kda, fused_recurrent_kda
+from kimi_linear.ops.kda import KDAOptions, chunk_kda, fused_recurrent_kda
 from kimi_linear.ops.norm import gated_rms_norm
 
 # Longest step that the decode kernel takes; longer ones (prefill, chunked prefill) use the chunk algorithm.
@@ -80,21 +80,20 @@ class KimiDeltaAttention(nn.Module):
         q, k, v = (t.reshape(B, T, H, K) for t in qkv.reshape(B, T, 3 * H * K).chunk(3, dim=-1))
         f = self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K)
         beta = self.b_proj(x)
-        fused = dict(A_log=self.A_log.view(H), dt_bias=self.dt_bias, use_qk_l2norm_in_kernel=True,
-                     use_beta_sigmoid_in_kernel=True)
+        fused = KDAOptions(A_log=self.A_log.view(H), dt_bias=self.dt_bias, qk_l2norm=True, beta_sigmoid=True)
         if cache is not None and T <= MAX_RECURRENT_STEP:
             o = fused_recurrent_kda(q, k, v, f, beta, state_pool=cache.kda_state[self.layer_idx],
-                                    state_indices=cache.slots, **fused)
+                                    state_indices=cache.slots, options=fused)
         elif cache is not None:
             state = cache.kda_state[self.layer_idx]
-            o, final = chunk_kda(q, k, v, f, beta, initial_state=state, output_final_state=True, **fused)
+            o, final = chunk_kda(q, k, v, f, beta, initial_state=state, output_final_state=True, options=fused)
             state.copy_(final)
         elif info.packed:
             o, _ = chunk_kda(*(t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, beta)),
-                             cu_seqlens=info.cu_seqlens, **fused)
+                             cu_seqlens=info.cu_seqlens, options=fused)
             o = o.view(B, T, H, K)
         else:
-            o, _ = chunk_kda(q, k, v, f, beta, **fused)
+            o, _ = chunk_kda(q, k, v, f, beta, options=fused)
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
         o = gated_rms_norm(o, gate, self.o_norm.weight, self.o_norm.eps)
         return self.o_proj(o.reshape(B, T, H * K))

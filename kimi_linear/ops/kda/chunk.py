@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kimi_linear.ops.kda.gate import prepare_kda_inputs
+from kimi_linear.ops.kda.gate import KDAOptions
 from kimi_linear.ops.kda.validate import check_kda_inputs
 
 CHUNK = 64
@@ -116,11 +116,7 @@ def chunk_kda(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    A_log: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    lower_bound: float | None = None,
-    use_qk_l2norm_in_kernel: bool = False,
-    use_beta_sigmoid_in_kernel: bool = False,
+    options: KDAOptions | None = None,
     output_chunk_states: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Chunkwise KDA; the contract of :mod:`kimi_linear.ops.kda` (shapes and options there).
@@ -131,10 +127,7 @@ def chunk_kda(
     entry of its chunk j, and the state after all of them is ``final_state``.
     """
     n_seq = check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
-    q, k, g, beta = prepare_kda_inputs(
-        q, k, g, beta, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-    )
+    q, k, g, beta = (options or KDAOptions()).prepare(q, k, g, beta)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale

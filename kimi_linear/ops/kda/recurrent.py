@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kimi_linear.ops.backend import kernel_module
-from kimi_linear.ops.kda.gate import prepare_kda_inputs
+from kimi_linear.ops.kda.gate import KDAOptions
 from kimi_linear.ops.kda.naive import naive_recurrent_kda
 
 
@@ -29,11 +29,7 @@ def fused_recurrent_kda(
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
     scale: float | None = None,
-    A_log: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    lower_bound: float | None = None,
-    use_qk_l2norm_in_kernel: bool = False,
-    use_beta_sigmoid_in_kernel: bool = False,
+    options: KDAOptions | None = None,
 ) -> torch.Tensor:
     """Advance N sequences by T tokens (usually 1).
 
@@ -44,19 +40,14 @@ def fused_recurrent_kda(
     kernels = kernel_module(q, "kimi_linear.ops.kda.triton_recurrent", q, v)
     if kernels is not None:
         return kernels.fused_recurrent_kda_triton(
-            q, k, v, g, beta, state_pool=state_pool, state_indices=state_indices, scale=scale, A_log=A_log,
-            dt_bias=dt_bias, lower_bound=lower_bound, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+            q, k, v, g, beta, state_pool=state_pool, state_indices=state_indices, scale=scale, options=options
         )
     if state_indices.dim() != 1 or state_indices.numel() != q.shape[0]:
         raise ValueError(f"state_indices must be [N] with N = {q.shape[0]}, got {tuple(state_indices.shape)}")
     if state_pool.dim() != 4 or state_pool.dtype != torch.float32:
         raise ValueError(f"state_pool must be a 4-D fp32 tensor [P, H, K, V], got {state_pool.dtype} "
                          f"{tuple(state_pool.shape)}")
-    q, k, g, beta = prepare_kda_inputs(
-        q, k, g, beta, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-    )
+    q, k, g, beta = (options or KDAOptions()).prepare(q, k, g, beta)
     valid = state_indices >= 0
     idx = state_indices.long().clamp(min=0)
     o, final = naive_recurrent_kda(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from kimi_linear.ops.kda.gate import KDAOptions
 from kimi_linear.ops.kda.triton_chunk_bwd import (
     gate_bwd_kernel,
     grads_kernel_a,
@@ -35,7 +36,7 @@ from kimi_linear.ops.kda.triton_chunk_fwd import (
     state_out_kernel,
 )
 from kimi_linear.ops.kda.triton_common import CHUNK, PREFILL_CHUNK
-from kimi_linear.ops.kda.validate import check_gate_options, check_kda_inputs
+from kimi_linear.ops.kda.validate import check_kda_inputs
 
 
 def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -381,11 +382,7 @@ def chunk_kda_triton(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    A_log: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    lower_bound: float | None = None,
-    use_qk_l2norm_in_kernel: bool = False,
-    use_beta_sigmoid_in_kernel: bool = False,
+    options: KDAOptions | None = None,
     output_chunk_states: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The ``chunk_kda`` contract on Triton (same arguments and returns as :func:`kimi_linear.ops.kda.chunk_kda`)."""
@@ -395,7 +392,9 @@ def chunk_kda_triton(
             f"the Triton chunk kernels take head sizes that are powers of two from 32 to 256 and bf16/fp16/fp32 "
             f"inputs, got K={q.shape[-1]}, V={v.shape[-1]}, {q.dtype}; use the PyTorch path (chunk_kda_torch)"
         )
-    check_gate_options(A_log, dt_bias, lower_bound, *q.shape[-2:])
+    options = options or KDAOptions()
+    options.check(*q.shape[-2:])
+    A_log, dt_bias, lower_bound = options.A_log, options.dt_bias, options.lower_bound
     K = q.shape[-1]
     scale = K**-0.5 if scale is None else float(scale)
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
@@ -407,13 +406,13 @@ def chunk_kda_triton(
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in leaves):
         o, final, states = ChunkKDAFunction.apply(
             q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, scale, lower_bound,
-            use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel, output_final_state, output_chunk_states,
+            options.qk_l2norm, options.beta_sigmoid, output_final_state, output_chunk_states,
         )
     else:
         B, T, H, _ = q.shape
         o, final, states = _prefill(
             *(x.reshape(B * T, H, -1) for x in (q, k, v, g)), beta.reshape(B * T, H), A_log, dt_bias, initial_state,
-            B, cu_seqlens, scale, lower_bound, use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel,
+            B, cu_seqlens, scale, lower_bound, options.qk_l2norm, options.beta_sigmoid,
             output_final_state, output_chunk_states,
         )
         o = o.view(B, T, H, -1)

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kimi_linear.ops.kda.gate import KDAOptions
 from kimi_linear.ops.kda.triton_common import gate_fwd
-from kimi_linear.ops.kda.validate import check_gate_options
 
 # Gate modes of the kernel (a constexpr): g is already the log-decay, the released softplus gate, or the
 # bounded sigmoid gate.
@@ -125,21 +125,18 @@ def fused_recurrent_kda_triton(
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
     scale: float | None = None,
-    A_log: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    lower_bound: float | None = None,
-    use_qk_l2norm_in_kernel: bool = False,
-    use_beta_sigmoid_in_kernel: bool = False,
+    options: KDAOptions | None = None,
     config: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Advance N sequences by T tokens; see :func:`kimi_linear.ops.kda.recurrent.fused_recurrent_kda`.
 
     q, k, g ``[N, T, H, K]``; v ``[N, T, H, V]``; beta ``[N, T, H]`` (any float dtypes; computed in fp32);
     state_pool ``[P, H, K, V]`` fp32 whose rows are contiguous (a slice of a larger cache is fine);
-    state_indices ``[N]`` int32/int64, distinct except for negative entries (padding rows). A_log ``[H]``,
-    dt_bias ``[H * K]``. Returns o ``[N, T, H, V]`` in v's dtype. Indices are not checked against P on the
-    device (that would need a host sync): an index >= P is out of bounds. T is a compile-time constant of
-    the kernel (one compilation per distinct T). ``config`` overrides (BV, num_warps), for benchmarking.
+    state_indices ``[N]`` int32/int64, distinct except for negative entries (padding rows); ``options``: the
+    in-kernel pre-processing (:class:`~kimi_linear.ops.kda.gate.KDAOptions`). Returns o ``[N, T, H, V]`` in v's
+    dtype. Indices are not checked against P on the device (that would need a host sync): an index >= P is out of
+    bounds. T is a compile-time constant of the kernel (one compilation per distinct T). ``config`` overrides
+    (BV, num_warps), for benchmarking.
     """
     N, T, H, K = q.shape
     V = v.shape[-1]
@@ -154,7 +151,9 @@ def fused_recurrent_kda_triton(
     if state_indices.shape != (N,) or state_indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"state_indices must be int32/int64 [N = {N}], got {state_indices.dtype} "
                          f"{tuple(state_indices.shape)}")
-    check_gate_options(A_log, dt_bias, lower_bound, H, K)
+    options = options or KDAOptions()
+    options.check(H, K)
+    A_log, dt_bias, lower_bound = options.A_log, options.dt_bias, options.lower_bound
     if A_log is None:
         gate = _GATE_NONE
     else:
@@ -169,7 +168,7 @@ def fused_recurrent_kda_triton(
         q, k, v, g, beta, o, state_pool, state_indices.contiguous(), A_log, dt_bias,
         K**-0.5 if scale is None else scale, 0.0 if lower_bound is None else lower_bound, state_pool.stride(0),
         s_q, s_k, s_v, s_g, s_beta, T,
-        H=H, K=K, V=V, BV=bv, GATE=gate, L2NORM=use_qk_l2norm_in_kernel, BETA_SIGMOID=use_beta_sigmoid_in_kernel,
+        H=H, K=K, V=V, BV=bv, GATE=gate, L2NORM=options.qk_l2norm, BETA_SIGMOID=options.beta_sigmoid,
         num_warps=num_warps,
     )
     return o

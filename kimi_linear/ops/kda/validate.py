@@ -45,18 +45,3 @@ def check_kda_inputs(
             raise ValueError(f"initial_state must be [N, H, K, V] = {list(expected)}, got {tuple(initial_state.shape)}")
     return n_seq
 
-
-def check_gate_options(
-    A_log: torch.Tensor | None, dt_bias: torch.Tensor | None, lower_bound: float | None, H: int, K: int
-) -> None:
-    """The in-kernel gate's parameters: A_log (H elements) and dt_bias (H * K) come together, and lower_bound
-    only with them."""
-    if A_log is None:
-        if lower_bound is not None:
-            raise ValueError("lower_bound applies to the in-kernel gate only: pass A_log and dt_bias too")
-        return
-    if dt_bias is None:
-        raise ValueError("A_log was given without dt_bias: the in-kernel gate needs both")
-    if A_log.numel() != H or dt_bias.numel() != H * K:
-        raise ValueError(f"A_log must have H = {H} elements and dt_bias H * K = {H * K}, got "
-                         f"{A_log.numel()} and {dt_bias.numel()}")
