@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from kimi_linear.cache import cache_bytes
+from kimi_linear.cache import cache_spec
 from kimi_linear.config import PRESETS, KimiLinearConfig
 from kimi_linear.errors import UserError
 from kimi_linear.model import KimiLinearForCausalLM
@@ -36,7 +36,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     with torch.device("meta"):
         model = KimiLinearForCausalLM(config)
-    per_token, per_sequence = cache_bytes(config, dtype_bytes=2)
+    spec = cache_spec(config, torch.bfloat16)
+    per_token, per_sequence = spec.bytes_per_token, spec.bytes_per_slot
     types = config.layer_types
     print(f"layers:                 {len(types)} ({types.count('kda')} KDA, {types.count('mla')} MLA): "
           + "".join("M" if t == "mla" else "k" for t in types))

@@ -1,7 +1,8 @@
-"""Autoregressive generation over the hybrid cache: one prefill, then one token per step.
+"""Autoregressive generation of a static batch: one prefill, then one token per step, through the model's
+serving step over a :class:`~kimi_linear.cache.HybridCache` (the same step, kernels and pools the engine uses).
 
-Batches may be left-padded (``attention_mask``); padding never changes another sequence's tokens, because
-pads are invisible to KDA (zero inputs leave its states untouched) and masked as MLA keys.
+Batches may be left-padded (``attention_mask``): pads are left out of the step, so they cannot change any
+sequence's tokens; sequences that finished are left out of later steps.
 """
 
 from __future__ import annotations
@@ -11,26 +12,9 @@ from collections.abc import Iterator
 import torch
 
 from kimi_linear.cache import HybridCache
+from kimi_linear.sampling import sample_next
 
-
-def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick one token per row of ``logits`` ``[B, V]``: greedy when ``temperature`` is 0, else sample from
-    the temperature-scaled distribution restricted to the ``top_k`` most likely tokens and to the smallest
-    set whose probability reaches ``top_p``. Returns ``[B]`` int64."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the best token always stays).
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+__all__ = ["generate", "generate_stream", "sample_next"]
 
 
 @torch.no_grad()
@@ -75,7 +59,8 @@ def generate_stream(
         yield token
         if bool(finished.all()) or step + 1 == max_new_tokens:
             return
-        logits = model(token[:, None], cache=cache, num_logits_to_keep=1).logits[:, -1]
+        logits = model(token[:, None], attention_mask=~finished[:, None], cache=cache,
+                       num_logits_to_keep=1).logits[:, -1]
 
 
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kimi_linear.cache import HybridCache
+from kimi_linear.cache import CachePool, HybridCache
 from kimi_linear.checkpoint import load_pretrained, save_pretrained
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.generation import generate
@@ -22,7 +22,7 @@ from kimi_linear.layers.kda import KimiDeltaAttention
 from kimi_linear.layers.mla import MultiHeadLatentAttention
 from kimi_linear.layers.moe import MLP, MoE
 from kimi_linear.layers.norm import RMSNorm
-from kimi_linear.layers.packing import SequenceInfo
+from kimi_linear.step import StepMetadata
 
 
 @dataclass
@@ -33,7 +33,7 @@ class CausalLMOutput:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``h = x + Attn(norm(x)); out = h + FFN(norm(h))``."""
+    """Pre-norm block: ``h = x + Attn(norm(x)); out = h + FFN(norm(h))``, over a step's flat tokens ``[T, D]``."""
 
     def __init__(self, config: KimiLinearConfig, layer_idx: int) -> None:
         super().__init__()
@@ -49,24 +49,44 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, info: SequenceInfo, cache: HybridCache | None,
-                with_balance_loss: bool = False) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), info, cache)
+    def forward(self, x: torch.Tensor, meta: StepMetadata, cache: CachePool | None,
+                balance_rows: tuple[int, int] | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), meta, cache)
         normed = self.post_attention_layernorm(h)
-        ffn = self.block_sparse_moe(normed, with_balance_loss) if self.is_moe else self.mlp(normed)
+        ffn = self.block_sparse_moe(normed, balance_rows) if self.is_moe else self.mlp(normed)
         return h + ffn
 
 
 class KimiLinearModel(nn.Module):
+    """Embeddings, the decoder loop over the residual stream, and the final norm."""
+
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.activation_checkpointing = False
+
+    def forward(self, input_ids: torch.Tensor, meta: StepMetadata, cache: CachePool | None = None, *,
+                balance_rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One step: input_ids ``[num_tokens]`` int64 laid out as ``meta`` says → final-normed hidden states
+        ``[num_tokens, D]``. Reads no device value on the host (ids and metadata were checked by their producer)."""
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, meta, cache, balance_rows, use_reentrant=False)
+            else:
+                h = layer(h, meta, cache, balance_rows)
+        return self.norm(h)
 
 
 class KimiLinearForCausalLM(nn.Module):
     """Kimi Linear language model.
+
+    Two ways in: :meth:`forward` for ``[B, T]`` batches (training with packed documents, scoring, a static generation
+    batch over a :class:`~kimi_linear.cache.HybridCache`), and the serving step — :meth:`forward_step` over a
+    :class:`~kimi_linear.step.StepMetadata` and a :class:`~kimi_linear.cache.CachePool`, then
+    :meth:`compute_logits` for the rows that need them. The first is a thin producer of the second.
 
     Build under ``torch.device("meta")`` to get the structure without allocating weights (the 48B config).
     """
@@ -78,7 +98,6 @@ class KimiLinearForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.activation_checkpointing = False
         self._init_projections()
 
     @torch.no_grad()
@@ -92,6 +111,15 @@ class KimiLinearForCausalLM(nn.Module):
                 nn.init.normal_(module.weight, std=std)
 
     # ----------------------------------------------------------------------------------------------------------
+    def forward_step(self, input_ids: torch.Tensor, meta: StepMetadata, cache: CachePool | None = None) -> torch.Tensor:
+        """The serving step: ``[num_tokens]`` ids → final-normed hidden states ``[num_tokens, D]``; the cache's
+        slots and blocks named by ``meta`` are read and updated."""
+        return self.model(input_ids, meta, cache)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` hidden states (of the rows that need logits) → ``[..., V]``."""
+        return self.lm_head(hidden)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -109,42 +137,30 @@ class KimiLinearForCausalLM(nn.Module):
         - ``labels`` ``[B, T]``: logits at t are scored against ``labels[:, t + 1]``; -100 is ignored, and so is
           the first token of each packed document (nothing before it in its document predicts it).
         - Packed documents: ``position_ids`` restarting at 0, or ``cu_seqlens`` (B = 1). Padding:
-          ``attention_mask`` (1 = real token; left padding for generation).
+          ``attention_mask`` (1 = real token; pads are left out of the step, and their logits are 0).
         - ``cache``: continue the sequences held in it (generation).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        vocab = self.config.vocab_size
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            raise ValueError(f"token ids must be in [0, {vocab}), got range "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-        B, T = input_ids.shape
-        info = SequenceInfo.build((B, T), input_ids.device, position_ids, cu_seqlens, attention_mask)
-        if cache is not None:
-            if info.packed:
-                raise ValueError("packed sequences cannot be combined with a generation cache")
-            cache.begin_step(T, info.attention_mask)
+        B, T = _check_ids(input_ids, self.config.vocab_size)
         with_balance = balance_loss_coef > 0
-        h = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, info, cache, with_balance, use_reentrant=False)
-            else:
-                h = layer(h, info, cache, with_balance)
-        if cache is not None:
-            cache.end_step(T)
-        h = self.model.norm(h)
+        flat, meta, index = batch_step(input_ids, position_ids, cu_seqlens, attention_mask, cache)
+        if with_balance and meta.batch_shape is None:
+            raise ValueError("the balance loss needs a batch without padding (attention_mask)")
+        hidden = self.model(flat, meta, cache.pool if cache is not None else None,
+                            balance_rows=meta.batch_shape if with_balance else None)
+        if index is not None:  # back to the [B, T] grid, pads as zeros
+            hidden = hidden.new_zeros(B * T, hidden.shape[-1]).index_copy_(0, index, hidden)
+        hidden = hidden.view(B, T, -1)
         if num_logits_to_keep:
-            h = h[:, -num_logits_to_keep:]
-        logits = self.lm_head(h)
+            hidden = hidden[:, -num_logits_to_keep:]
+        logits = self.compute_logits(hidden)
 
         loss = aux_loss = None
         if labels is not None:
             targets = labels[:, 1:].clone()
-            starts = info.document_starts()
-            if starts is not None:
-                targets[starts[:, 1:]] = -100
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), targets.reshape(-1), ignore_index=-100)
+            if meta.batch_shape is not None:
+                targets[meta.document_starts().view(B, T)[:, 1:]] = -100
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-100)
         if with_balance:
             aux_loss = sum(m.balance_loss for m in self.moe_layers())
             if loss is not None:
@@ -157,7 +173,7 @@ class KimiLinearForCausalLM(nn.Module):
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each decoder layer in the backward pass instead of keeping its activations."""
-        self.activation_checkpointing = enabled
+        self.model.activation_checkpointing = enabled
 
     def num_parameters(self) -> int:
         """All weights, counting the routers' correction biases (as the released model's count does)."""
@@ -190,3 +206,79 @@ class KimiLinearForCausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """See :func:`kimi_linear.generation.generate`."""
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+def _check_ids(input_ids: torch.Tensor, vocab: int) -> tuple[int, int]:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise ValueError(f"token ids must be in [0, {vocab}), got range "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+    return input_ids.shape
+
+
+def batch_step(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    cache: HybridCache | None,
+) -> tuple[torch.Tensor, StepMetadata, torch.Tensor | None]:
+    """The step a ``[B, T]`` batch makes: flat ids, metadata, and each step token's index in the flattened ``[B, T]``
+    grid (None when the step is the whole grid in order). Reads the batch description on the host (this is where
+    it is validated).
+
+    - plain: each row is one sequence;
+    - ``position_ids`` restarting at 0 (any B) or ``cu_seqlens`` (B = 1): documents packed into rows;
+    - ``attention_mask``: each row's real tokens form its sequence (rows without any are left out);
+    - ``cache``: each row continues its sequence in the cache; one-token continuations go first in the step.
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    given = [name for name, v in (("position_ids", position_ids), ("cu_seqlens", cu_seqlens),
+                                  ("attention_mask", attention_mask)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass at most one of position_ids, cu_seqlens, attention_mask; got {given}")
+    if cache is not None and given and given[0] != "attention_mask":
+        raise ValueError("packed sequences cannot be combined with a generation cache")
+    flat = input_ids.reshape(-1)
+    if attention_mask is None and cache is None:
+        return flat, StepMetadata.for_batch(B, T, device, _document_lengths(B, T, position_ids, cu_seqlens)), None
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}], got {tuple(attention_mask.shape)}")
+        real = attention_mask.to(torch.bool).cpu()
+        positions = [real[b].nonzero().flatten().tolist() for b in range(B)]
+    else:
+        positions = [list(range(T))] * B
+    rows = [b for b in range(B) if positions[b]]
+    if cache is not None:  # one-token continuations first (decode rows)
+        rows.sort(key=lambda b: not (len(positions[b]) == 1 and cache.lengths[b] > 0))
+        meta = cache.step(rows, [len(positions[b]) for b in rows])
+    else:
+        meta = StepMetadata.build([len(positions[b]) for b in rows], device=device)
+    order = [b * T + t for b in rows for t in positions[b]]
+    if order == list(range(B * T)):
+        return flat, meta, None
+    index = torch.tensor(order, dtype=torch.long, device=device)
+    return flat[index], meta, index
+
+
+def _document_lengths(B: int, T: int, position_ids: torch.Tensor | None,
+                      cu_seqlens: torch.Tensor | None) -> list[int] | None:
+    """Lengths of the documents packed into the rows (in order), or None when each row is one sequence."""
+    if position_ids is not None:
+        if tuple(position_ids.shape) != (B, T):
+            raise ValueError(f"position_ids must be [B, T] = [{B}, {T}], got {tuple(position_ids.shape)}")
+        starts = position_ids.cpu() == 0
+        starts[:, 0] = True
+        bounds = [*starts.reshape(-1).nonzero().flatten().tolist(), B * T]
+    elif cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens packs sequences into one row: batch size must be 1, got {B}")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != T or any(b <= a for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must rise strictly from 0 to T = {T}, got {bounds}")
+    else:
+        return None
+    return [b - a for a, b in zip(bounds, bounds[1:])]

@@ -16,16 +16,13 @@ import math
 import torch
 from torch import nn
 
-from kimi_linear.cache import HybridCache
+from kimi_linear.cache import CachePool
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.norm import RMSNorm
-from kimi_linear.layers.packing import SequenceInfo
-from kimi_linear.ops.conv import causal_conv1d
+from kimi_linear.ops.conv import causal_conv1d, conv_state_at
 from kimi_linear.ops.kda import KDAOptions, chunk_kda, fused_recurrent_kda
 from kimi_linear.ops.norm import gated_rms_norm
-
-# Longest step that the decode kernel takes; longer ones (prefill, chunked prefill) use the chunk algorithm.
-MAX_RECURRENT_STEP = 4
+from kimi_linear.step import StepMetadata
 
 
 class KimiDeltaAttention(nn.Module):
@@ -59,41 +56,80 @@ class KimiDeltaAttention(nn.Module):
         dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp_min(1e-4)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def forward(self, x: torch.Tensor, info: SequenceInfo, cache: HybridCache | None = None) -> torch.Tensor:
-        """x ``[B, T, D]`` → ``[B, T, D]``."""
-        B, T, _ = x.shape
+    def forward(self, x: torch.Tensor, meta: StepMetadata, cache: CachePool | None = None) -> torch.Tensor:
+        """x ``[num_tokens, D]`` → ``[num_tokens, D]``."""
+        T = x.shape[0]
         H, K = self.num_heads, self.head_dim
-        if info.attention_mask is not None:
-            # A zero input leaves both states exactly as they were: conv sees zeros, k = 0 writes nothing and
-            # the decay acts on a zero state, so left padding is invisible to the real tokens.
-            x = x * info.attention_mask[..., None].to(x.dtype)
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        conv_w = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).squeeze(1)
-        if cache is not None:
-            qkv, conv_state = causal_conv1d(qkv, conv_w, initial_state=cache.conv_state[self.layer_idx],
-                                            output_final_state=True)
-            cache.conv_state[self.layer_idx].copy_(conv_state)
-        elif info.packed:
-            qkv, _ = causal_conv1d(qkv.reshape(1, B * T, -1), conv_w, cu_seqlens=info.cu_seqlens)
-        else:
-            qkv, _ = causal_conv1d(qkv, conv_w)
-        q, k, v = (t.reshape(B, T, H, K) for t in qkv.reshape(B, T, 3 * H * K).chunk(3, dim=-1))
-        f = self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K)
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [T, 3 H K], pre-conv
+        f = self.f_b_proj(self.f_a_proj(x)).view(T, H, K)
         beta = self.b_proj(x)
-        fused = KDAOptions(A_log=self.A_log.view(H), dt_bias=self.dt_bias, qk_l2norm=True, beta_sigmoid=True)
-        if cache is not None and T <= MAX_RECURRENT_STEP:
-            o = fused_recurrent_kda(q, k, v, f, beta, state_pool=cache.kda_state[self.layer_idx],
-                                    state_indices=cache.slots, options=fused)
-        elif cache is not None:
-            state = cache.kda_state[self.layer_idx]
-            o, final = chunk_kda(q, k, v, f, beta, initial_state=state, output_final_state=True, options=fused)
-            state.copy_(final)
-        elif info.packed:
-            o, _ = chunk_kda(*(t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, beta)),
-                             cu_seqlens=info.cu_seqlens, options=fused)
-            o = o.view(B, T, H, K)
+        options = KDAOptions(A_log=self.A_log.view(H), dt_bias=self.dt_bias, qk_l2norm=True, beta_sigmoid=True)
+        if cache is None:
+            (rows,), varlen = _rows((qkv,), meta.query_lens, meta.cu_seqlens)
+            conv, _ = causal_conv1d(rows, self._conv_weight(), **varlen)
+            inputs, varlen = _rows((*_split_heads(conv, H, K), f, beta), meta.query_lens, meta.cu_seqlens,
+                                   meta.cu_seqlens_host)
+            o, _ = chunk_kda(*inputs, **varlen, options=options)
         else:
-            o, _ = chunk_kda(q, k, v, f, beta, options=fused)
-        gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
-        o = gated_rms_norm(o, gate, self.o_norm.weight, self.o_norm.eps)
-        return self.o_proj(o.reshape(B, T, H * K))
+            o = self._with_cache(qkv, f, beta, options, meta, cache)
+        gate = self.g_b_proj(self.g_a_proj(x)).view(T, H, K)
+        o = gated_rms_norm(o.reshape(T, H, K), gate, self.o_norm.weight, self.o_norm.eps)
+        return self.o_proj(o.reshape(T, H * K))
+
+    def _with_cache(self, qkv: torch.Tensor, f: torch.Tensor, beta: torch.Tensor, options: KDAOptions,
+                    meta: StepMetadata, cache: CachePool) -> torch.Tensor:
+        """Continue each sequence from its slot and leave its new state there: decode rows through the recurrent
+        kernel, prefill rows through the chunk kernel; then the requested snapshots. Returns o ``[T, H, V]``."""
+        H, K = self.num_heads, self.head_dim
+        slots, has_state = meta.state_slots, meta.has_initial_state
+        conv_pool, state_pool = cache.conv_state[self.layer_idx], cache.kda_state[self.layer_idx]
+        # A new sequence starts from zeros by construction: a reused slot may hold anything (freed slots are NaN
+        # in tests), so select, never multiply.
+        conv_init = torch.where(has_state[:, None, None], conv_pool[slots], 0)
+        (rows,), varlen = _rows((qkv,), meta.query_lens, meta.cu_seqlens)
+        conv, conv_final = causal_conv1d(rows, self._conv_weight(), initial_state=conv_init, output_final_state=True,
+                                         **varlen)
+        conv_pool.index_copy_(0, slots, conv_final)
+        q, k, v = _split_heads(conv, H, K)
+        d = meta.num_decodes
+        outputs = []
+        if d:
+            outputs.append(fused_recurrent_kda(q[:d, None], k[:d, None], v[:d, None], f[:d, None], beta[:d, None],
+                                               state_pool=state_pool, state_indices=slots[:d], options=options)[:, 0])
+        if d < meta.num_seqs:
+            init = torch.where(has_state[d:, None, None, None], state_pool[slots[d:]], 0)
+            inputs, varlen = _rows((q[d:], k[d:], v[d:], f[d:], beta[d:]), meta.query_lens[d:],
+                                   meta.prefill_cu_seqlens, meta.prefill_cu_seqlens_host)
+            o, final, *chunk_states = chunk_kda(*inputs, **varlen, initial_state=init, output_final_state=True,
+                                                output_chunk_states=bool(meta.snapshots), options=options)
+            state_pool.index_copy_(0, slots[d:], final)
+            if meta.snapshots:
+                states = torch.cat([*chunk_states, final])
+                state_pool.index_copy_(0, meta.snapshot_slots, states[meta.snapshot_state_rows])
+                conv_pool.index_copy_(0, meta.snapshot_slots, conv_state_at(
+                    qkv, conv_init, meta.cu_seqlens, meta.snapshot_seqs, meta.snapshot_lens))
+            outputs.append(o.reshape(-1, H, K))
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _conv_weight(self) -> torch.Tensor:
+        """The q, k, v depthwise conv weights as one ``[3 H K, W]``."""
+        return torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).squeeze(1)
+
+
+def _split_heads(qkv: torch.Tensor, H: int, K: int) -> tuple[torch.Tensor, ...]:
+    """``[..., 3 H K]`` → q, k, v ``[T, H, K]`` (flattened over the leading dims)."""
+    return tuple(t.reshape(-1, H, K) for t in qkv.chunk(3, dim=-1))
+
+
+def _rows(tensors: tuple[torch.Tensor, ...], lens: tuple[int, ...], cu_seqlens: torch.Tensor,
+          cu_seqlens_host: tuple[int, ...] | None = None) -> tuple[tuple[torch.Tensor, ...], dict]:
+    """Flat ``[T, ...]`` tensors of sequences of lengths ``lens``, as the ops take them: B rows of L tokens when every
+    sequence has L (the batched kernels: a training batch, a decode step), else one packed row described by
+    ``cu_seqlens`` (and its host copy, for the ops that would otherwise read it back). Returns the tensors and the
+    keyword arguments that describe them."""
+    if len(set(lens)) == 1:
+        return tuple(t.view(len(lens), lens[0], *t.shape[1:]) for t in tensors), {}
+    varlen = {"cu_seqlens": cu_seqlens}
+    if cu_seqlens_host is not None:
+        varlen["cu_seqlens_host"] = cu_seqlens_host
+    return tuple(t[None] for t in tensors), varlen

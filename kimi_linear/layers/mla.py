@@ -7,28 +7,29 @@
   o          = o_proj(concat_h softmax(q_h k_h^T / sqrt(nope + rope)) v_h)
 
 Two equivalent evaluations:
-- expanded (training, prefill): materialise per-head k, v and run SDPA;
-- absorbed (decode): fold W_UK into the query and W_UV into the output, attend over the latent directly, as
-  multi-query attention with 576-d keys and 512-d values. Costs O(kv_lora) per cached token instead of
+- expanded (training, prefill): materialise per-head k, v for the sequence's keys and run causal attention over
+  variable-length sequences (:func:`kimi_linear.ops.attention.varlen_causal_attention`);
+- absorbed (decode rows): fold W_UK into the query and W_UV into the output, and attend over the cached latents
+  directly through the block tables, as multi-query attention with 576-d keys and 512-d values
+  (:func:`kimi_linear.ops.mla_decode.paged_mla_decode`). It costs O(kv_lora) per cached token instead of
   O(H * (nope + v)), which is what makes the small MLA cache fast to read.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kimi_linear.cache import HybridCache
+from kimi_linear.cache import CachePool
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.layers.norm import RMSNorm
-from kimi_linear.layers.packing import SequenceInfo
+from kimi_linear.ops.attention import varlen_causal_attention
+from kimi_linear.ops.mla_decode import paged_mla_decode
+from kimi_linear.step import StepMetadata
 
 # The released model's own code normalises the latent with eps 1e-6 (not the config's rms_norm_eps); the
 # transformers port agrees, and the weights were trained that way.
 KV_NORM_EPS = 1e-6
-# Steps with at most this many new tokens attend in absorbed form.
-MAX_ABSORBED_STEP = 16
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -48,62 +49,61 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
 
-    def forward(self, x: torch.Tensor, info: SequenceInfo, cache: HybridCache | None = None) -> torch.Tensor:
-        """x ``[B, T, D]`` → ``[B, T, D]``."""
-        B, T, _ = x.shape
-        H = self.num_heads
-        q = self.q_proj(x).view(B, T, H, self.nope_dim + self.rope_dim).transpose(1, 2)  # [B, H, T, dq]
+    def forward(self, x: torch.Tensor, meta: StepMetadata, cache: CachePool | None = None) -> torch.Tensor:
+        """x ``[num_tokens, D]`` → ``[num_tokens, D]``. With a cache, the step's latents are written first, so
+        every query sees its own token."""
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.nope_dim + self.rope_dim)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [B, T, kv_lora + rope]
-        past = 0
-        key_mask = info.attention_mask
-        if cache is not None:
-            past = cache.length
-            store = cache.mla_latent[self.layer_idx]
-            store[:, past:past + T] = latent
-            latent = store[:, :past + T]
-            key_mask = cache.step_key_mask(T)
-        mask = self._mask(info, T, past, key_mask, x.device)
-        if cache is not None and T <= MAX_ABSORBED_STEP:
-            o = self._absorbed(q, latent, mask)
-        else:
-            o = self._expanded(q, latent, mask)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.v_dim))
+        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [T, kv_lora + rope]
+        if cache is None:
+            o = self._expanded(q, latent, meta.cu_seqlens, meta.cu_seqlens, meta.query_lens, meta.query_lens)
+            return self.o_proj(o.reshape(T, -1))
+        store = cache.mla_latent[self.layer_idx]
+        store.view(-1, store.shape[-1]).index_copy_(0, meta.slot_mapping, latent)
+        d = meta.num_decodes
+        parts = []
+        if d:
+            parts.append(self._absorbed(q[:d], store, meta.block_table[:d], meta.seq_lens[:d]))
+        if d < meta.num_seqs:
+            q_lens = meta.query_lens[d:]
+            if meta.prefill_context_free:  # the keys are this step's own tokens
+                keys, cu_k, k_lens = latent[d:], meta.prefill_cu_seqlens, q_lens
+            else:
+                k_lens = meta.prefill_seq_lens_host
+                keys = self._gather(store, meta.block_table[d:], k_lens)
+                cu_k = meta.prefill_key_cu_seqlens
+            parts.append(self._expanded(q[d:], keys, meta.prefill_cu_seqlens, cu_k, q_lens, k_lens))
+        o = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return self.o_proj(o.reshape(T, -1))
 
-    def _expanded(self, q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        B, S, _ = latent.shape
+    def _expanded(self, q: torch.Tensor, latent: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                  q_lens: tuple[int, ...], k_lens: tuple[int, ...]) -> torch.Tensor:
+        """q ``[Tq, H, nope + rope]`` over the keys of ``latent`` ``[Tk, kv_lora + rope]`` → ``[Tq, H, v]``."""
+        S = latent.shape[0]
         c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(c_kv).view(B, S, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        kv = self.kv_b_proj(c_kv).view(S, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, None].expand(-1, self.num_heads, -1, -1)], dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        k = torch.cat([k_nope, k_pe[:, None].expand(-1, self.num_heads, -1)], dim=-1)
+        return varlen_causal_attention(q, k, v, cu_q, cu_k, q_lens, k_lens, self.scale)
 
-    def _absorbed(self, q: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        H = self.num_heads
-        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+    def _absorbed(self, q: torch.Tensor, store: torch.Tensor, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor) -> torch.Tensor:
+        """One query token per row over its cached latents → ``[N, H, v]``."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # [H, nope, C], [H, v, C]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_latent = torch.cat([torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk), q_pe], dim=-1)  # [B, H, T, C + rope]
-        k = latent[:, None].expand(-1, H, -1, -1)  # one shared key/value head: a view, not a copy
-        v = k[..., : self.kv_lora_rank]
-        if mask is None:  # a decode step sees the whole cache
-            mask = torch.ones(1, 1, q.shape[2], latent.shape[1], dtype=torch.bool, device=q.device).tril(
-                latent.shape[1] - q.shape[2])
-        o_latent = F.scaled_dot_product_attention(q_latent, k, v, attn_mask=mask, scale=self.scale)
-        return torch.einsum("bhtc,hdc->bhtd", o_latent, w_uv)
+        q_latent = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope, w_uk), q_pe], dim=-1)  # [N, H, C + rope]
+        o_latent = paged_mla_decode(q_latent, store, block_table, seq_lens, scale=self.scale,
+                                    value_dim=self.kv_lora_rank)
+        return torch.einsum("nhc,hdc->nhd", o_latent, w_uv)
 
     @staticmethod
-    def _mask(info: SequenceInfo, T: int, past: int, key_mask: torch.Tensor | None,
-              device: torch.device) -> torch.Tensor | None:
-        """Boolean ``[B or 1, 1, T, past + T]`` (True = may attend), or None for plain causal attention."""
-        if info.doc_ids is None and key_mask is None and past == 0:
-            return None
-        rows = torch.arange(T, device=device)[:, None] + past
-        cols = torch.arange(past + T, device=device)[None, :]
-        allowed = (cols <= rows)[None]
-        if info.doc_ids is not None:
-            allowed = allowed & (info.doc_ids[:, :, None] == info.doc_ids[:, None, :])
-        if key_mask is not None:
-            # A pad query still sees itself, so no row is empty (its output is never used).
-            allowed = allowed & key_mask[:, None, :] | (cols == rows)[None]
-        return allowed[:, None]
+    def _gather(store: torch.Tensor, block_table: torch.Tensor, lengths: tuple[int, ...]) -> torch.Tensor:
+        """The first ``lengths[n]`` cached latents of each sequence, packed: ``[sum(lengths), kv_lora + rope]``."""
+        block_size = store.shape[1]
+        parts = []
+        for n, length in enumerate(lengths):
+            blocks = block_table[n, : -(-length // block_size)]
+            parts.append(store[blocks].reshape(-1, store.shape[-1])[:length])
+        return torch.cat(parts)

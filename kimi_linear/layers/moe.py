@@ -92,17 +92,16 @@ class MoE(nn.Module):
         self.last_expert_load: torch.Tensor | None = None
         self.balance_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, with_balance_loss: bool = False) -> torch.Tensor:
-        """x ``[B, T, D]`` → ``[B, T, D]``."""
-        B, T, D = x.shape
-        flat = x.reshape(-1, D)
-        weights, indices, scores = self.gate(flat)
+    def forward(self, x: torch.Tensor, balance_rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """x ``[N, D]`` → ``[N, D]``. ``balance_rows`` (B, T): compute the sequence-wise balance loss, the N tokens
+        being B rows of T."""
+        weights, indices, scores = self.gate(x)
         self.last_expert_load = torch.bincount(indices.reshape(-1), minlength=self.num_experts).float()
-        self.balance_loss = (
-            sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1), self.num_experts)
-            if with_balance_loss else None
-        )
-        y = self.experts(flat, indices, weights).view(B, T, D)
+        self.balance_loss = None
+        if balance_rows is not None:
+            B, T = balance_rows
+            self.balance_loss = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1), self.num_experts)
+        y = self.experts(x, indices, weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y

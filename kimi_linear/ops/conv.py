@@ -91,3 +91,15 @@ def causal_conv1d(
         seqs = torch.arange(N, device=x.device)[:, None].expand_as(virtual)
         final = source[rows(seqs, virtual)].to(x.dtype).transpose(1, 2)  # [N, D, W-1]
     return y, final
+
+
+def conv_state_at(x, initial_state, cu_seqlens, seq_index, lengths):  # TEMPORARY SHIM until the ops branch lands
+    flat = x.reshape(-1, x.shape[-1])
+    N, D, W1 = initial_state.shape
+    cu = cu_seqlens.long()
+    slots = torch.arange(W1, device=x.device)
+    virtual = lengths[:, None] - W1 + slots[None, :]
+    seq = seq_index[:, None].expand_as(virtual)
+    src = torch.cat([flat, initial_state.transpose(1, 2).reshape(N * W1, D).to(flat.dtype)])
+    rows = torch.where(virtual >= 0, cu[seq] + virtual, flat.shape[0] + seq * W1 + W1 + virtual)
+    return src[rows].transpose(1, 2)

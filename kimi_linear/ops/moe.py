@@ -79,7 +79,7 @@ def moe_experts(
     gate, up = h.chunk(2, dim=-1)
     out = _grouped_linear(F.silu(gate) * up, down_proj, counts, offsets)
     out = out * weights.reshape(-1)[order, None].to(out.dtype)
-    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+    return torch.zeros_like(x).index_put_((token,), out.to(x.dtype), accumulate=True)
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -18,7 +18,6 @@ Design choices:
 from __future__ import annotations
 
 import json
-import os
 import sysconfig
 import zlib
 from dataclasses import dataclass
@@ -225,7 +224,3 @@ def prepare_data(paths: list[str] | None, tokenizer, seq_len: int, batch_size: i
     val = tokenize_documents(val_docs, tokenizer)
     return PackedData(train, val, seq_len, batch_size, seed, tokenizer.bos_token_id, max_val_rows)
 
-
-def data_fingerprint(paths: list[str] | None) -> list[str]:
-    """What identifies the data source in a checkpoint: absolute paths, or the stdlib marker."""
-    return [os.path.abspath(p) for p in paths] if paths else [f"stdlib:{stdlib_root()}"]

@@ -52,6 +52,7 @@ def chunk_kda(
     cu_seqlens: torch.Tensor | None = None,
     options: KDAOptions | None = None,
     output_chunk_states: bool = False,
+    cu_seqlens_host=None,  # TEMPORARY SHIM
 ) -> tuple[torch.Tensor, ...]:
     """Chunkwise KDA (the contract above), on the backend chosen by :func:`set_backend`."""
     kernels = kernel_module(q, "kimi_linear.ops.kda.triton_chunk", q, v)
