@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -30,6 +31,71 @@ def _model_dir(path: str) -> str:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"{path!r} has no config.json: expected a model directory in the Hugging Face layout")
     return path
+
+
+def device_problem(device: torch.device) -> str | None:
+    """Why ``device`` cannot be used on this machine, or None when it can. Asked before any work, because
+    PyTorch reports a missing device late and deep (a pin_memory or ``_cuda_setDevice`` traceback)."""
+    if device.type == "cpu":
+        return None
+    if device.type == "meta":
+        return "the meta device holds no data; use cpu or a GPU"
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is None or accelerator.type != device.type:
+        if device.type == "cuda" and torch.version.cuda is None and torch.version.hip is None:
+            return f"this PyTorch ({torch.__version__}) is built without CUDA; use --device cpu"
+        found = f"its accelerator is {accelerator.type}" if accelerator else "it has no GPU or other accelerator"
+        return f"{device.type} is not available on this machine ({found}); use --device cpu"
+    count = torch.accelerator.device_count()
+    if device.index is not None and device.index >= count:
+        return f"this machine has {count} {device.type} device(s), numbered from 0"
+    return None
+
+
+def resolve_device(name: str | None) -> str:
+    """``--device`` of ``generate``: the given device if this machine has it (else UserError), by default cuda
+    when available, else cpu."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name!r} is not a device name (e.g. cpu, cuda, cuda:1)") from e
+    problem = device_problem(device)
+    if problem:
+        raise UserError(f"--device {name}: {problem}")
+    return name
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """Interpret ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` in ``--prompt "import os\\n"``: shells pass them literally,
+    and a prompt usually needs a newline. Any other backslash is kept; ``--prompt-file`` takes text verbatim."""
+    return re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(0)), text, flags=re.DOTALL)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt: ``--prompt`` with escapes interpreted, or ``--prompt-file`` verbatim (``-``: standard input)."""
+    if args.prompt is not None:
+        return unescape(args.prompt)
+    name = "standard input" if args.prompt_file == "-" else repr(args.prompt_file)
+    try:
+        if args.prompt_file == "-":
+            stdin = getattr(sys.stdin, "buffer", None)  # a replaced sys.stdin (embedding, tests) may be text only
+            data = stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8")
+        else:
+            with open(args.prompt_file, "rb") as f:
+                data = f.read()
+    except FileNotFoundError as e:
+        raise UserError(f"--prompt-file {name} does not exist") from e
+    except OSError as e:
+        raise UserError(f"cannot read --prompt-file {name}: {e.strerror or e}") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt-file {name} is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -55,7 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     directory = _model_dir(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
+    prompt_text = read_prompt(args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
     model = KimiLinearForCausalLM.from_pretrained(directory, dtype=dtype, device=device).eval()
@@ -63,10 +130,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:
         if not hasattr(tokenizer, "encode_chat"):
             raise UserError("--chat needs the model's tiktoken.model tokenizer; this directory has none")
-        ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt_text}])
     else:
         bos = tokenizer.bos_token_id
-        ids = ([bos] if bos is not None else []) + tokenizer.encode(args.prompt)
+        ids = ([bos] if bos is not None else []) + tokenizer.encode(prompt_text)
     if not ids:
         raise UserError("the prompt is empty")
     if max(ids) >= model.config.vocab_size:
@@ -78,7 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out: list[int] = []
     printed = ""
     if not args.chat:
-        sys.stdout.write(args.prompt)
+        sys.stdout.write(prompt_text)
     for token in generate_stream(model, prompt, args.max_new_tokens, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, generator=generator):
         out.append(int(token[0]))
@@ -103,15 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="stream a continuation of a prompt")
     gen.add_argument("--model", required=True, help="model directory in the Hugging Face layout")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the Kimi chat format")
-    gen.add_argument("--device", help="default: cuda if available, else cpu")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text; \\n, \\t, \\r and \\\\ stand for a newline, a tab, a "
+                                         "carriage return and a backslash")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE, verbatim (-: standard input)")
+    gen.add_argument("--max-new-tokens", type=int, default=200,
+                     help="stop after this many tokens (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.8,
+                     help="sampling temperature, 0 = greedy (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, default=50,
+                     help="sample among the k most likely tokens, 0 = all (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=0.95,
+                     help="sample among the most likely tokens that make up this probability (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: %(default)s)")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt in the Kimi chat format, which needs tiktoken.model (default: off)")
+    gen.add_argument("--device", help="cpu, cuda, cuda:N, ... (default: cuda if available, else cpu)")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                     help="weights' dtype (default: bfloat16 on cuda, float32 otherwise)")
     gen.set_defaults(func=cmd_generate)
 
     from kimi_linear.train import cli as train_cli

@@ -2,15 +2,17 @@
 MoE balancing, the train / plot CLI and its one-line errors."""
 
 import json
+import shlex
 
 import pytest
 import torch
 
 from kimi_linear import KimiLinearForCausalLM
-from kimi_linear.cli import main
+from kimi_linear.cli import build_parser, main
 from kimi_linear.train import checkpointing
 from kimi_linear.train.balance import load_imbalance, update_router_bias
 from kimi_linear.train.checkpointing import find_checkpoint, load_trainer_state
+from kimi_linear.train.cli import interrupt_message, resume_command, train_config_from_args
 from kimi_linear.train.metrics import read_metrics
 from kimi_linear.train.trainer import TrainConfig, Trainer
 
@@ -135,6 +137,14 @@ def test_cli_train_then_plot(tmp_path, corpus, capsys):
                  "--val-fraction", "0.1", "--no-progress", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0 and "bits/byte vs unigram baseline" in out
+    # before the first step: device, corpus, model, plan
+    header = out.splitlines()[:4]
+    assert header[0] == f"device: cpu ({torch.get_num_threads()} threads), fp32"
+    assert header[1].startswith(f"data: {corpus}: 40 documents (4 held out for validation), ")
+    assert " tokens; " in header[1] and header[1].endswith(" validation rows of 32 tokens")
+    assert header[2].startswith("model: preset test, 4 layers (3 KDA, 1 MLA): ") and "activated per token" in header[2]
+    assert header[3].startswith("training: 3 steps, each 4 rows x 32 tokens")
+    assert "done: 3 steps in " in out
     assert main(["plot", str(tmp_path / "runs" / "c")]) == 0
     png = tmp_path / "runs" / "c" / "training.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -149,6 +159,7 @@ def test_cli_train_then_plot(tmp_path, corpus, capsys):
         (["--expert-parallel"], "several processes"),
         (["--resume"], "nothing to resume"),
         (["--warmup-steps", "50"], "warmup"),
+        (["--warmup-steps", "3", "--decay-fraction", "0.5"], "overlap"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, corpus, capsys, extra, message):
@@ -174,3 +185,76 @@ def test_cli_resume_with_other_settings_is_refused(tmp_path, corpus, capsys):
     assert code == 1 and "already holds a run" in err[0]
     state = json.loads((cfg.run_dir / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 3  # the refused runs left the checkpoint alone
+
+
+def test_warmup_follows_steps():
+    assert TrainConfig(steps=200).warmup_steps == 20
+    assert TrainConfig(steps=10).warmup_steps == 1
+    assert TrainConfig(steps=10, warmup_steps=0).warmup_steps == 0
+
+
+def lrs(run_dir):
+    return [r["lr"] for r in read_metrics(str(run_dir / "metrics.jsonl")) if r["kind"] == "train"]
+
+
+def interrupt_at(monkeypatch, step):
+    """Make the training loop receive Ctrl-C when it is about to run step ``step + 1``."""
+    original = Trainer.train_step
+
+    def train_step(self):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_cli_short_run_interrupted_and_resumed(tmp_path, corpus, capsys, monkeypatch):
+    """A short run without --warmup-steps (a fixed warmup of 20 used to refuse --steps 10 and swallow the decay of
+    --steps 20) warms up and decays; Ctrl-C names the checkpoint kept and the command that resumes it; that command
+    says it resumed, does not inherit --no-progress, and reproduces the uninterrupted run's schedule and losses."""
+    straight = config(tmp_path, corpus, name="straight", warmup_steps=None, steps=10, eval_every=10, save_every=10)
+    Trainer(straight).train()
+    rates = lrs(straight.run_dir)
+    assert rates[0] == rates[1] == rates[-4] == 3e-3  # one warmup step, then the peak ...
+    assert rates[-4] > rates[-3] > rates[-2] > rates[-1]  # ... and the last 3 steps decay
+
+    runs = tmp_path / "my runs"
+    interrupt_at(monkeypatch, 6)
+    assert main(["train", "--preset", "test", "--data", str(corpus), "--runs-dir", str(runs), "--name", "cut",
+                 "--seq-len", "32", "--batch-size", "4", "--steps", "10", "--save-every", "5", "--eval-every", "10",
+                 "--log-every", "1", "--val-rows", "4", "--val-fraction", "0.1", "--no-progress", "--device",
+                 "cpu"]) == 130
+    captured = capsys.readouterr()
+    assert "(warmup 1 step, decay over the last 3 steps)" in captured.out
+    err = captured.err.strip().splitlines()
+    kept = runs / "cut" / "checkpoint"
+    assert err[0] == f"interrupted at step 6: kept the checkpoint of step 5 in {kept} (step 6 is lost)"
+    command = f"kimi-linear train --runs-dir '{runs}' --name cut --no-progress --resume"
+    assert err[1] == f"continue the run with: {command}"
+    assert load_trainer_state(find_checkpoint(runs / "cut"))["config"]["warmup_steps"] == 1  # resolved, stored
+
+    monkeypatch.undo()
+    resume_args = build_parser().parse_args(["train", "--runs-dir", str(runs), "--name", "cut", "--resume"])
+    assert train_config_from_args(resume_args).progress  # the checkpoint's --no-progress is not inherited
+    assert main(shlex.split(command)[1:]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {runs / 'cut'} from its checkpoint at step 5" in out
+    assert "training: steps 6-10 of 10, each 4 rows x 32 tokens" in out
+    assert "done: steps 6-10 of 10 (resumed from step 5) in " in out
+    assert lrs(runs / "cut") == rates
+    assert train_losses(runs / "cut") == train_losses(straight.run_dir)
+
+
+def test_ctrl_c_before_the_first_checkpoint(tmp_path, corpus):
+    cfg = config(tmp_path, corpus)
+    assert interrupt_message(cfg, 2, 1) == ("interrupted at step 2: no checkpoint was written yet (every 3 steps), so "
+                                            "there is nothing to resume")
+    assert interrupt_message(cfg, None, 1).startswith("interrupted before training started: ")
+
+
+def test_resume_command_repeats_changed_options(tmp_path, corpus):
+    cfg = config(tmp_path, corpus, steps=12, compile=True)
+    saved = {**cfg.to_dict(), "steps": 6, "compile": False}
+    assert resume_command(cfg, 2, saved) == (f"torchrun --nproc-per-node 2 --no-python kimi-linear train --runs-dir "
+                                             f"{cfg.runs_dir} --name run --steps 12 --compile --no-progress --resume")

@@ -14,12 +14,18 @@ Crash safety: a checkpoint is written whole into ``checkpoint.tmp/``, then swapp
 (``checkpoint`` -> ``checkpoint.prev``, ``checkpoint.tmp`` -> ``checkpoint``, delete ``checkpoint.prev``); a crash
 at any point leaves either ``checkpoint`` or ``checkpoint.prev`` complete, and :func:`find_checkpoint` takes
 whichever survives. The top-level model files are then replaced one by one with ``os.replace``.
+
+Loading executes nothing from the run directory: the model is safetensors, the trainer state JSON, and the
+optimizer / RNG files are read with ``torch.load(weights_only=True)``, whose unpickler rebuilds only tensors and
+plain containers / numbers / strings (all that an optimizer state dict and ``random.getstate()`` hold). A file
+holding anything else (a tampered run directory) is refused with a :class:`UserError`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -76,6 +82,14 @@ def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _check_rng_state(state: object, path: Path) -> dict:
+    """The RNG state of :func:`rng_state`, or a UserError: a malformed one would fail deep inside ``random``."""
+    if not (isinstance(state, dict) and isinstance(state.get("python"), tuple)
+            and isinstance(state.get("torch"), torch.Tensor)):
+        raise UserError(f"{path} is not an RNG state written by kimi-linear")
     return state
 
 
@@ -140,7 +154,41 @@ def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+    """``trainer_state.json``, checked for the fields a resume reads (UserError when they are missing)."""
+    path = checkpoint / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): the checkpoint is damaged") from e
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict)
+            and isinstance(state.get("step"), int) and isinstance(state.get("world_size"), int)):
+        raise UserError(f"{path} lacks the step, world_size or config of a kimi-linear checkpoint")
+    return state
+
+
+def _unpickling_detail(error: Exception) -> str:
+    """The line of torch's long weights-only error that names what was refused (e.g. ``posix.system``), if any:
+    the rest of that message is advice to retry with ``weights_only=False``, exactly what must not be done."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    found = next((line for line in lines if "unsupported" in line.lower() and "global" in line.lower()), "")
+    return f": {found.rstrip('.')}" if found else ""
+
+
+def load_tensor_file(path: Path) -> object:
+    """``torch.load`` restricted to tensors and plain values (no code runs, whatever the file holds).
+
+    Tensors are read onto the CPU, so a GPU run's checkpoint also resumes elsewhere; ``load_state_dict`` moves
+    optimizer state to each parameter's device, and CUDA RNG states are CPU tensors anyway."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"refusing to load {path}: it holds more than tensors and plain values (a damaged, tampered "
+                        f"or foreign file; unpickling it in full could run code){_unpickling_detail(e)}") from e
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from e
+    except (RuntimeError, EOFError) as e:  # torch's own reading errors: not a zip archive, truncated, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {path}: the checkpoint is damaged ({reason})") from e
 
 
 def load_rank_state(checkpoint: Path, optimizer: torch.optim.Optimizer, rank: int) -> None:
@@ -149,5 +197,8 @@ def load_rank_state(checkpoint: Path, optimizer: torch.optim.Optimizer, rank: in
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise UserError(f"checkpoint {checkpoint} lacks {', '.join(missing)}: was it saved with fewer processes?")
-    optimizer.load_state_dict(torch.load(files[0], weights_only=False))
-    set_rng_state(torch.load(files[1], weights_only=False))
+    optimizer_state = load_tensor_file(files[0])
+    if not isinstance(optimizer_state, dict):
+        raise UserError(f"{files[0]} is not an optimizer state written by kimi-linear")
+    optimizer.load_state_dict(optimizer_state)
+    set_rng_state(_check_rng_state(load_tensor_file(files[1]), files[1]))

@@ -163,7 +163,7 @@ class PackedData:
     """
 
     def __init__(self, train: torch.Tensor, val: torch.Tensor, seq_len: int, batch_size: int, seed: int,
-                 bos_token_id: int, max_val_rows: int) -> None:
+                 bos_token_id: int, max_val_rows: int, documents: tuple[int, int] = (0, 0)) -> None:
         if seq_len < 2:
             raise UserError(f"sequence length must be at least 2, got {seq_len}")
         if batch_size < 1:
@@ -180,7 +180,8 @@ class PackedData:
                 f"the validation split ({val.numel()} tokens) is shorter than one row of {seq_len} tokens: "
                 "use a smaller --seq-len, a larger --val-fraction, or more data"
             )
-        self.train_tokens = train
+        self.train_tokens, self.val_tokens = train, val
+        self.documents = documents  # (training, validation) document counts, for the run's description
         self.train_rows = train[: n_train * seq_len].view(n_train, seq_len)
         self.val_rows = val[: n_val * seq_len].view(n_val, seq_len)
         self.seq_len, self.batch_size, self.seed, self.bos_token_id = seq_len, batch_size, seed, bos_token_id
@@ -222,5 +223,13 @@ def prepare_data(paths: list[str] | None, tokenizer, seq_len: int, batch_size: i
     train_docs, val_docs = split_documents(load_documents(paths), val_fraction)
     train = tokenize_documents(shuffled(train_docs, seed), tokenizer)
     val = tokenize_documents(val_docs, tokenizer)
-    return PackedData(train, val, seq_len, batch_size, seed, tokenizer.bos_token_id, max_val_rows)
+    return PackedData(train, val, seq_len, batch_size, seed, tokenizer.bos_token_id, max_val_rows,
+                      documents=(len(train_docs), len(val_docs)))
+
+
+def describe_source(paths: list[str] | None) -> str:
+    """The data source in words, for the line a run prints before training."""
+    if not paths:
+        return f"the Python standard library's .py sources ({stdlib_root()})"
+    return ", ".join(paths)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from kimi_linear.model import KimiLinearForCausalLM
 from kimi_linear.tokenizer import ByteTokenizer
 from kimi_linear.train.balance import expert_loads, load_imbalance, update_router_bias
 from kimi_linear.train.checkpointing import find_checkpoint, load_rank_state, load_trainer_state, save_checkpoint
-from kimi_linear.train.data import PackedData, prepare_data, unigram_bits_per_token
+from kimi_linear.train.data import PackedData, describe_source, prepare_data, unigram_bits_per_token
 from kimi_linear.train.distributed import (
     DistEnv,
     apply_expert_parallel,
@@ -38,11 +39,19 @@ from kimi_linear.train.muon import build_optimizer
 from kimi_linear.train.schedule import Schedule, set_lr
 
 LN2 = math.log(2)
+# Default warmup, as a fraction of the steps: warmup must follow --steps (a fixed count breaks short runs).
+WARMUP_FRACTION = 0.1
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on. ``RESUME_KEYS`` must match when resuming; the rest may change."""
+    """Everything a run depends on. ``RESUME_KEYS`` must match when resuming; the rest may change.
+
+    Derived defaults are resolved when the config is built (``warmup_steps`` None -> ``WARMUP_FRACTION`` of
+    ``steps``), so the checkpoint stores the values the run actually used: a resumed run keeps its warmup even
+    if ``--steps`` changes (the warmup already happened; recomputing it would make the learning rate jump).
+    ``SESSION_KEYS`` are choices of one invocation that a resumed run does not take from the checkpoint.
+    """
 
     name: str = ""  # default: "<preset or config>-<data>", e.g. "tiny-stdlib"
     runs_dir: str = "runs"
@@ -54,7 +63,7 @@ class TrainConfig:
     steps: int = 200
     lr: float = 3e-3
     schedule: str = "wsd"
-    warmup_steps: int = 20
+    warmup_steps: int | None = None  # default: WARMUP_FRACTION of steps
     decay_fraction: float = 0.3
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.1
@@ -78,11 +87,14 @@ class TrainConfig:
 
     RESUME_KEYS = ("preset", "model_config", "data", "seq_len", "batch_size", "seed", "val_fraction",
                    "expert_parallel")
+    SESSION_KEYS = ("progress", "resume")
 
     def __post_init__(self) -> None:
         if not self.name:
             model = Path(self.model_config).stem if self.model_config else self.preset
             self.name = f"{model}-{Path(self.data[0]).stem if self.data else 'stdlib'}"
+        if self.warmup_steps is None:
+            self.warmup_steps = round(WARMUP_FRACTION * self.steps)
 
     @property
     def run_dir(self) -> Path:
@@ -131,10 +143,63 @@ def validate_config(cfg: TrainConfig, env: DistEnv, model_config: KimiLinearConf
         raise UserError(f"learning rate must be positive, got {cfg.lr}")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def describe_device(env: DistEnv) -> str:
+    """``device: ...`` line: where the steps run and in which precision."""
+    if env.device.type == "cuda":
+        where = f"{env.device} ({torch.cuda.get_device_name(env.device)}), bf16 compute over fp32 weights"
+    else:
+        where = f"cpu ({torch.get_num_threads()} threads), fp32"
+    processes = f", {env.world} processes" if env.world > 1 else ""
+    return f"device: {where}{processes}"
+
+
+def describe_data(cfg: TrainConfig, data: PackedData) -> str:
+    """``data: ...`` line: the source, its documents and tokens, and the rows they pack into."""
+    train_docs, val_docs = data.documents
+    tokens = data.train_tokens.numel() + data.val_tokens.numel()
+    return (f"data: {describe_source(cfg.data)}: {train_docs + val_docs:,} documents ({val_docs:,} held out for "
+            f"validation), {tokens:,} tokens; {data.train_rows.size(0):,} training rows and "
+            f"{data.val_rows.size(0):,} validation rows of {cfg.seq_len} tokens")
+
+
+def describe_model(cfg: TrainConfig, config: KimiLinearConfig, total: int, activated: int) -> str:
+    """``model: ...`` line: what it is, its layers and its parameter counts."""
+    source = f"config {cfg.model_config}" if cfg.model_config else f"preset {cfg.preset}"
+    types = config.layer_types
+    return (f"model: {source}, {len(types)} layers ({types.count('kda')} KDA, {types.count('mla')} MLA): "
+            f"{total:,} parameters, {activated:,} activated per token")
+
+
+def describe_plan(cfg: TrainConfig, data: PackedData, schedule: Schedule, start_step: int) -> str:
+    """``training: ...`` line: the steps still to run, the batch, the schedule and where checkpoints go."""
+    if start_step >= cfg.steps:
+        return (f"training: nothing to do, the run is already at step {start_step} of {cfg.steps} "
+                "(pass --steps N to train longer)")
+    steps = f"steps {start_step + 1}-{cfg.steps} of {cfg.steps}" if start_step else f"{cfg.steps} steps"
+    steps += f", each {cfg.batch_size} rows x {cfg.seq_len} tokens"
+    epochs = cfg.steps * cfg.batch_size / data.train_rows.size(0)
+    phases = f"warmup {_count(schedule.warmup_steps, 'step')}"
+    if schedule.kind == "wsd":
+        phases += f", decay over the last {_count(schedule.decay_steps, 'step')}"
+    return (f"training: {steps} ({epochs:.2f} epochs in all); "
+            f"lr {cfg.lr:g}, {schedule.kind} schedule ({phases}); checkpoint every {_count(cfg.save_every, 'step')} "
+            f"in {cfg.run_dir}")
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig) -> None:
+    """One training run. ``report``, if given, receives (on the main process) one line per setup stage: device,
+    resume point, data, model, plan — so a user sees what is happening before the first step, which can be far
+    away (the built-in corpus takes seconds to tokenize). Library use (tests, benchmarks) stays silent."""
+
+    def __init__(self, cfg: TrainConfig, report: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.env = env = init_distributed(cfg.device)
+        self._report = report if env.is_main else None
+        self.say(describe_device(env))
         if env.device.type == "cpu":
             # As the KDA gates train, decay products underflow into denormal floats, which x86 CPUs process
             # an order of magnitude slower: steps of the built-in job went from 2 s to 15 s. Flush them to zero.
@@ -154,10 +219,12 @@ class Trainer:
         saved = load_trainer_state(checkpoint) if cfg.resume else None
         if saved is not None:
             check_resumable(saved, cfg, env.world)
+            self.say(f"resuming {cfg.run_dir} from its checkpoint at step {saved['step']}")
 
         self.tokenizer = ByteTokenizer()
         self.data: PackedData = prepare_data(cfg.data, self.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed,
                                              cfg.val_fraction, cfg.val_rows)
+        self.say(describe_data(cfg, self.data))
 
         torch.manual_seed(cfg.seed)
         if saved is None:
@@ -170,6 +237,7 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(self.model_config, model.num_activated_parameters(),
                                                      cfg.seq_len)
         self.num_parameters = model.num_parameters()
+        self.say(describe_model(cfg, self.model_config, self.num_parameters, model.num_activated_parameters()))
         model.to(env.device)
         model.set_activation_checkpointing(cfg.activation_checkpointing)
         if cfg.expert_parallel:
@@ -188,6 +256,11 @@ class Trainer:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             self.log.truncate_after(self.step)
         self.peak = peak_flops(env.device)
+        self.say(describe_plan(cfg, self.data, self.schedule, self.step))
+
+    def say(self, line: str) -> None:
+        if self._report is not None:
+            self._report(line)
 
     # ------------------------------------------------------------------------------------------------------------
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
@@ -253,13 +326,28 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
     def train(self, until_step: int | None = None) -> dict:
-        """Train to ``cfg.steps`` (or stop early at ``until_step``, still saving a checkpoint); returns a summary."""
+        """Train to ``cfg.steps`` (or stop early at ``until_step``, still saving a checkpoint); returns a summary.
+
+        After a resume the bar counts the run's steps (``initial``: it starts at the checkpoint's step) while its
+        rate and times cover this session only, as does the summary's ``train_seconds`` (``start_step`` says
+        where the session began)."""
+        start_step = self.step
+        show = self.cfg.progress and self.env.is_main and self.step < self.cfg.steps
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not show, dynamic_ncols=True, desc=self.cfg.name)
+        start = time.perf_counter()
+        try:
+            val_loss = self._train_loop(bar, until_step)
+        finally:  # an interrupted run (Ctrl-C) must not leave the bar's line unfinished under its message
+            bar.close()
+        if val_loss is None:
+            val_loss = self.evaluate()
+        return self.summary(val_loss, time.perf_counter() - start, start_step)
+
+    def _train_loop(self, bar: tqdm, until_step: int | None) -> float | None:
+        """The steps, with logging, validation and checkpoints; returns the last validation loss (None if none)."""
         cfg, env = self.cfg, self.env
         stop = min(cfg.steps, until_step or cfg.steps)
         tokens_per_step = cfg.batch_size * cfg.seq_len
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and env.is_main),
-                   dynamic_ncols=True, desc=cfg.name)
-        start = time.perf_counter()
         window_seconds, window_steps = 0.0, 0  # training steps only: evaluation and saving are not throughput
         val_loss = None
         while self.step < stop:
@@ -289,17 +377,15 @@ class Trainer:
                     bar.write(f"step {self.step}: val loss {val_loss:.4f} ({val_loss / LN2:.3f} bits/byte)")
             if self.step % cfg.save_every == 0 or self.step == stop:
                 self.save()
-        bar.close()
-        if val_loss is None:
-            val_loss = self.evaluate()
-        return self.summary(val_loss, time.perf_counter() - start)
+        return val_loss
 
-    def summary(self, val_loss: float, seconds: float) -> dict:
+    def summary(self, val_loss: float, seconds: float, start_step: int = 0) -> dict:
+        """``train_seconds`` is this session's time, spent on steps ``start_step + 1 .. step`` of ``total_steps``."""
         unigram = unigram_bits_per_token(self.data.train_tokens, self.data.val_rows, self.model_config.vocab_size,
                                          self.tokenizer.bos_token_id)
-        summary = {"kind": "summary", "step": self.step, "val_loss": val_loss, "val_bits_per_byte": val_loss / LN2,
-                   "unigram_bits_per_byte": unigram, "train_seconds": seconds, "parameters": self.num_parameters,
-                   "run_dir": str(self.cfg.run_dir)}
+        summary = {"kind": "summary", "step": self.step, "start_step": start_step, "total_steps": self.cfg.steps,
+                   "val_loss": val_loss, "val_bits_per_byte": val_loss / LN2, "unigram_bits_per_byte": unigram,
+                   "train_seconds": seconds, "parameters": self.num_parameters, "run_dir": str(self.cfg.run_dir)}
         self.log.write(summary)
         return summary
 
@@ -310,7 +396,16 @@ def close_distributed() -> None:
 
 
 def summary_line(summary: dict, wall_seconds: float) -> str:
-    return (f"done: {summary['step']} steps in {wall_seconds:.0f}s; val loss {summary['val_loss']:.4f} = "
-            f"{summary['val_bits_per_byte']:.3f} bits/byte vs unigram baseline "
-            f"{summary['unigram_bits_per_byte']:.3f} bits/byte; model saved to {summary['run_dir']}")
+    """The last line of ``kimi-linear train``. ``wall_seconds`` is this session's: after a resume the line names
+    the steps this session ran beside it, not the run's total."""
+    step, start = summary["step"], summary.get("start_step", 0)
+    total = summary.get("total_steps", step)
+    if step == start:
+        steps = f"no steps to run (the run is at step {step} of {total})"
+    elif start:
+        steps = f"steps {start + 1}-{step} of {total} (resumed from step {start}) in {wall_seconds:.0f}s"
+    else:
+        steps = f"{step} steps in {wall_seconds:.0f}s" + (f" (of {total})" if step < total else "")
+    return (f"done: {steps}; val loss {summary['val_loss']:.4f} = {summary['val_bits_per_byte']:.3f} bits/byte vs "
+            f"unigram baseline {summary['unigram_bits_per_byte']:.3f} bits/byte; model saved to {summary['run_dir']}")
 
