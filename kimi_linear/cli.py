@@ -141,7 +141,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         f"{model.config.vocab_size}: the tokenizer does not match this model")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     prompt = torch.tensor([ids], device=device)
-    eos = [t for t in (tokenizer.eos_token_id,) if t is not None] + model.config.eos_token_ids
+    eos = [*tokenizer.stop_token_ids, *model.config.eos_token_ids]  # <|im_end|> and [EOS] where it has them
     out: list[int] = []
     printed = ""
     if not args.chat:

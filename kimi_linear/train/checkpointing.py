@@ -112,8 +112,9 @@ def _replace_file(src: Path, dst: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, rank: int) -> None:
-    """Write a complete checkpoint atomically (collective under torch.distributed; see the module docstring)."""
+                    trainer_state: dict, rank: int, tokenizer=None) -> None:
+    """Write a complete checkpoint atomically (collective under torch.distributed; see the module docstring), with
+    the tokenizer's files beside the model when it has any to write."""
     run_dir = Path(run_dir)
     tmp, final, prev = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.prev"
     state = full_state_dict(model)
@@ -126,6 +127,8 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: tor
         torch.save(rng_state(), tmp / f"{TRAINER_PREFIX}rng.rank{rank}.pt")
         if rank == 0:
             write_model(model.config, state, tmp)
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(tmp)
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
     except BaseException:
         if rank == 0:

@@ -124,6 +124,14 @@ def check_resumable(saved: dict, cfg: TrainConfig, world: int) -> None:
         raise UserError(f"cannot resume {cfg.run_dir}: the run was started with other settings ({'; '.join(diffs)})")
 
 
+def training_tokenizer(model_config: KimiLinearConfig) -> ByteTokenizer:
+    """The byte-level tokenizer, with the Kimi chat markers at ids of their own when the vocabulary has room for them
+    (the `tiny` preset's 320 ids do), so that a model trained here speaks the chat format once fine-tuned to; the
+    markers change no document's tokens. Saved beside the model (``tokenizer_config.json``)."""
+    chat = ByteTokenizer.with_chat_markers()
+    return chat if model_config.vocab_size >= chat.vocab_size else ByteTokenizer()
+
+
 def validate_config(cfg: TrainConfig, env: DistEnv, model_config: KimiLinearConfig) -> None:
     """Reject inconsistent settings before any work is done."""
     if cfg.batch_size % env.world:
@@ -133,9 +141,9 @@ def validate_config(cfg: TrainConfig, env: DistEnv, model_config: KimiLinearConf
     if cfg.expert_parallel and model_config.num_experts % env.world:
         raise UserError(f"--expert-parallel needs num_experts ({model_config.num_experts}) divisible by the number "
                         f"of processes ({env.world})")
-    if model_config.bos_token_id != ByteTokenizer().bos_token_id or model_config.vocab_size < 259:
-        raise UserError("training uses the byte-level tokenizer: the model needs vocab_size >= 259 and "
-                        "bos_token_id 256 (use a byte-level preset such as 'tiny')")
+    if model_config.bos_token_id != ByteTokenizer().bos_token_id or model_config.vocab_size < ByteTokenizer.vocab_size:
+        raise UserError(f"training uses the byte-level tokenizer: the model needs vocab_size >= "
+                        f"{ByteTokenizer.vocab_size} and bos_token_id 256 (use a byte-level preset such as 'tiny')")
     for name in ("steps", "seq_len", "eval_every", "save_every", "log_every", "val_rows"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -221,7 +229,7 @@ class Trainer:
             check_resumable(saved, cfg, env.world)
             self.say(f"resuming {cfg.run_dir} from its checkpoint at step {saved['step']}")
 
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = training_tokenizer(self.model_config)
         self.data: PackedData = prepare_data(cfg.data, self.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed,
                                              cfg.val_fraction, cfg.val_rows)
         self.say(describe_data(cfg, self.data))
@@ -322,7 +330,7 @@ class Trainer:
     def save(self) -> None:
         state = {"step": self.step, "rows_consumed": self.step * self.cfg.batch_size, "world_size": self.env.world,
                  "config": self.cfg.to_dict()}
-        save_checkpoint(self.cfg.run_dir, self.model, self.optimizer, state, self.env.rank)
+        save_checkpoint(self.cfg.run_dir, self.model, self.optimizer, state, self.env.rank, self.tokenizer)
 
     # ------------------------------------------------------------------------------------------------------------
     def train(self, until_step: int | None = None) -> dict:
