@@ -329,3 +329,16 @@ def test_grads_causal():
     grads = torch.autograd.grad(o[:, :t].float().sum(), [x["q"], x["k"], x["v"], x["g"], x["beta"]])
     for gr in grads:
         assert not gr[:, t:].any()
+
+
+def test_broadcast_cotangents():
+    """The gradient of ``o.sum() + final.sum()`` reaches the backward as expanded (stride-0) tensors: the kernels
+    must read them as the values they stand for, not as dense memory."""
+    x = make_inputs(40, 2, 32, 32, seed=42, gate="released")
+    o, f = kda_call(chunk_kda_triton, x, options("released"), output_final_state=True)
+    grads = torch.autograd.grad(o.sum() + f.sum(), list(x.values()))
+    ref = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+    o_r, f_r = kda_call(chunk_kda_torch, ref, options("released"), output_final_state=True)
+    grads_r = torch.autograd.grad(o_r.sum() + f_r.sum(), list(ref.values()))
+    errors = {n: rel_err(a, b) for n, a, b in zip(x, grads, grads_r)}
+    assert all(e <= (1e-4 if not CUDA else 5e-3) for e in errors.values()), errors

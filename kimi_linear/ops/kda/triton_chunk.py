@@ -298,7 +298,10 @@ class ChunkKDAFunction(torch.autograd.Function):
         B, T, H, K = q.shape
         grads = _backward(
             q.reshape(B * T, H, K), k.reshape(B * T, H, K), v.reshape(B * T, H, -1), g.reshape(B * T, H, K),
-            beta.reshape(B * T, H), A_log, dt_bias, h0, do.reshape(B * T, H, -1).contiguous(), dfinal, saved,
+            beta.reshape(B * T, H), A_log, dt_bias, h0, do.reshape(B * T, H, -1).contiguous(),
+            # the kernels index both cotangents as dense arrays; autograd may hand over broadcast views (the
+            # gradient of a sum is one element expanded: stride 0), so they are made contiguous here
+            None if dfinal is None else dfinal.contiguous(), saved,
             chunks, scale, lower_bound, l2norm, sigmoid,
         )
         dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0 = grads
