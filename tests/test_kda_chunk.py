@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kda_args import kda_call
+from sync_guard import HostReadError, no_host_reads
 
 from kimi_linear.ops.kda.chunk import chunk_kda
 from kimi_linear.ops.kda.gate import KDAOptions, l2norm
@@ -228,3 +229,46 @@ def test_bad_inputs_raise():
         chunk_kda(**x, options=KDAOptions(dt_bias=torch.zeros(32)))  # a gate bias that would be ignored
     with pytest.raises(ValueError, match="dt_bias H \\* K = 32"):
         chunk_kda(**x, options=KDAOptions(A_log=torch.zeros(2), dt_bias=torch.zeros(16)))
+
+
+def test_host_offsets_give_identical_results():
+    """cu_seqlens_host (the offsets as Python ints) changes nothing: outputs, states and gradients bit for bit."""
+    lengths = [5, 64, 0, 77, 1]
+    host = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    cu = torch.tensor(host, dtype=torch.int32)
+    x = make_inputs(1, sum(lengths), 2, 16, 8, seed=71, fused=True, n_state=len(lengths))
+    do, dh = cotangents(x["v"].shape, x["initial_state"].shape, seed=71)
+    o, f, grads = grads_for(chunk_kda, x, do, dh, cu_seqlens=cu, flags=options(True))
+    o_h, f_h, grads_h = grads_for(chunk_kda, x, do, dh, cu_seqlens=cu, cu_seqlens_host=host, flags=options(True))
+    assert torch.equal(o, o_h) and torch.equal(f, f_h)
+    assert all(torch.equal(grads[n], grads_h[n]) for n in grads)
+    plain = {n: t.detach() for n, t in make_inputs(1, sum(lengths), 2, 16, 8, seed=72, n_state=5).items()}
+    a = naive_recurrent_kda(**plain, cu_seqlens=cu, output_final_state=True)
+    b = naive_recurrent_kda(**plain, cu_seqlens=cu, cu_seqlens_host=tuple(host), output_final_state=True)
+    assert all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+def test_host_offsets_read_nothing_from_the_device():
+    """With cu_seqlens_host, the forward and backward of the PyTorch chunk path and the token loop read no tensor
+    value on the host (each would be a device synchronisation on CUDA)."""
+    host = [0, 20, 20, 90]
+    cu = torch.tensor(host)
+    x = make_inputs(1, 90, 2, 16, 8, seed=73, fused=True, n_state=3)
+    with no_host_reads():
+        o, final, _ = kda_call(chunk_kda, x, options(True), cu_seqlens=cu, cu_seqlens_host=host,
+                               output_final_state=True, output_chunk_states=True)
+        (o.sum() + final.sum()).backward()
+        plain = {n: t.detach() for n, t in x.items() if n not in ("A_log", "dt_bias")}
+        naive_recurrent_kda(**plain, cu_seqlens=cu, cu_seqlens_host=host)
+    with pytest.raises(HostReadError), no_host_reads():  # without the host copy the offsets are read back
+        kda_call(chunk_kda, x, options(True), cu_seqlens=cu)
+
+
+def test_bad_host_offsets_raise():
+    x = {n: v.detach() for n, v in make_inputs(1, 8, 2, 16, 8, seed=74, n_state=2).items()}
+    cu = torch.tensor([0, 3, 8])
+    for host, match in (([0, 8], "2 offsets"), ([0, 9, 8], "rise"), ([0, 3, 7], "rise")):
+        with pytest.raises(ValueError, match=match):
+            chunk_kda(**x, cu_seqlens=cu, cu_seqlens_host=host)
+    with pytest.raises(ValueError, match="without cu_seqlens"):
+        chunk_kda(**{**x, "initial_state": None}, cu_seqlens_host=[0, 8])

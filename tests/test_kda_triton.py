@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from kda_args import kda_call
+from sync_guard import HostReadError, no_host_reads
 
 from kimi_linear.ops import kda
 from kimi_linear.ops.backend import use_backend
@@ -329,3 +330,59 @@ def test_grads_causal():
     grads = torch.autograd.grad(o[:, :t].float().sum(), [x["q"], x["k"], x["v"], x["g"], x["beta"]])
     for gr in grads:
         assert not gr[:, t:].any()
+
+
+def test_broadcast_cotangents():
+    """The gradient of ``o.sum() + final.sum()`` reaches the backward as expanded (stride-0) tensors: the kernels
+    must read them as the values they stand for, not as dense memory."""
+    x = make_inputs(40, 2, 32, 32, seed=42, gate="released")
+    o, f = kda_call(chunk_kda_triton, x, options("released"), output_final_state=True)
+    grads = torch.autograd.grad(o.sum() + f.sum(), list(x.values()))
+    ref = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+    o_r, f_r = kda_call(chunk_kda_torch, ref, options("released"), output_final_state=True)
+    grads_r = torch.autograd.grad(o_r.sum() + f_r.sum(), list(ref.values()))
+    errors = {n: rel_err(a, b) for n, a, b in zip(x, grads, grads_r)}
+    assert all(e <= (1e-4 if not CUDA else 5e-3) for e in errors.values()), errors
+@pytest.mark.parametrize("autograd", [False, True], ids=["prefill", "autograd"])
+def test_host_offsets_give_identical_results(autograd):
+    """cu_seqlens_host builds the same chunk tables as cu_seqlens read back: bit-identical results."""
+    host = [0, 17, 81, 81, 121, 122]
+    cu = torch.tensor(host, dtype=torch.int32, device=DEVICE)
+    x = {n: t.detach().requires_grad_(autograd) for n, t in make_inputs(122, 2, 32, 32, seed=40, n_state=5,
+                                                                        gate="released").items()}
+    kw = dict(cu_seqlens=cu, output_final_state=True, output_chunk_states=True)
+    a = kda_call(chunk_kda_triton, x, options("released"), **kw)
+    b = kda_call(chunk_kda_triton, x, options("released"), cu_seqlens_host=host, **kw)
+    assert all(torch.equal(s, t) for s, t in zip(a, b))
+    if autograd:
+        grads = [torch.autograd.grad(r[0].sum() + r[1].sum(), list(x.values())) for r in (a, b)]
+        assert all(torch.equal(s, t) for s, t in zip(*grads))
+
+
+class _NoLaunch:
+    """A kernel stand-in: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def test_host_offsets_read_nothing_from_the_device(monkeypatch):
+    """With cu_seqlens_host, everything around the kernels (checks, chunk tables, allocations, autograd) reads no
+    tensor value on the host. The kernels are stubbed out: the interpreter itself copies every argument to the
+    host."""
+    from kimi_linear.ops.kda import triton_chunk
+
+    for name in ("prep_kernel", "scores_kernel", "intra_kernel", "state_out_kernel", "prefill_chunk_kernel",
+                 "state_bwd_kernel", "grads_kernel_a", "grads_kernel_b", "gate_bwd_kernel"):
+        monkeypatch.setattr(triton_chunk, name, _NoLaunch())
+    host = [0, 17, 17, 60]
+    cu = torch.tensor(host, dtype=torch.int32, device=DEVICE)
+    x = make_inputs(60, 2, 32, 32, seed=41, n_state=3, gate="released")
+    kw = dict(cu_seqlens=cu, cu_seqlens_host=host, output_final_state=True, output_chunk_states=True)
+    with no_host_reads():
+        with torch.no_grad():
+            kda_call(chunk_kda_triton, x, options("released"), **kw)
+        o, final, _ = kda_call(chunk_kda_triton, x, options("released"), **kw)
+        (o.sum() + final.sum()).backward()
+    with pytest.raises(HostReadError), no_host_reads(), torch.no_grad():
+        kda_call(chunk_kda_triton, x, options("released"), cu_seqlens=cu)

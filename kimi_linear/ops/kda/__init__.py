@@ -3,7 +3,7 @@
 Public contract (every implementation — PyTorch reference, PyTorch chunkwise, Triton — follows it):
 
 ``chunk_kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-            options=None, output_chunk_states=False) -> (o, final_state[, chunk_states])``
+            cu_seqlens_host=None, options=None, output_chunk_states=False) -> (o, final_state[, chunk_states])``
 
 - q, k ``[B, T, H, K]``, v ``[B, T, H, V]`` (bf16/fp16/fp32); o ``[B, T, H, V]`` in v's dtype.
 - g ``[B, T, H, K]``: the log-decay (<= 0, fp32), or the raw gate pre-activation ``f`` when the options carry the
@@ -14,6 +14,11 @@ Public contract (every implementation — PyTorch reference, PyTorch chunkwise, 
   or its bounded variant ``g = lower_bound * sigmoid(exp(A_log[h]) * (f + dt_bias))``; the per-head L2 norm of q
   and k (``x / sqrt(sum x^2 + 1e-6)``); the sigmoid of beta.
 - states ``[N, H, K, V]`` fp32; N = B, or N = len(cu_seqlens) - 1 for packed batches (B = 1).
+- ``cu_seqlens`` ``[N + 1]`` int32/int64 offsets of packed sequences (FlashAttention convention);
+  ``cu_seqlens_host``: the same offsets as Python ints (a serving step's metadata has them on the host). When it is
+  given no value of ``cu_seqlens`` is read on the host: validation, the PyTorch path's per-sequence slices and the
+  Triton path's chunk tables all use the host copy, so the call does not synchronise with the device. Without it,
+  the offsets are read back from ``cu_seqlens`` (a synchronisation on CUDA).
 - ``output_chunk_states=True`` appends the states at the start of every 64-token chunk,
   ``[sum_n ceil(T_n / 64), H, K, V]`` fp32 (for prefix caching; see :mod:`kimi_linear.ops.kda.chunk`).
 
@@ -27,6 +32,8 @@ as :func:`~kimi_linear.ops.backend.use_backend` for a block) or the environment 
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -50,6 +57,7 @@ def chunk_kda(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_host: Sequence[int] | None = None,
     options: KDAOptions | None = None,
     output_chunk_states: bool = False,
     cu_seqlens_host=None,  # TEMPORARY SHIM
@@ -58,4 +66,5 @@ def chunk_kda(
     kernels = kernel_module(q, "kimi_linear.ops.kda.triton_chunk", q, v)
     impl = kernels.chunk_kda_triton if kernels is not None else chunk_kda_torch
     return impl(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                cu_seqlens=cu_seqlens, options=options, output_chunk_states=output_chunk_states)
+                cu_seqlens=cu_seqlens, cu_seqlens_host=cu_seqlens_host, options=options,
+                output_chunk_states=output_chunk_states)

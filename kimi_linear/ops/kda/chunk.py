@@ -15,11 +15,13 @@ overflow whatever the gate.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from kimi_linear.ops.kda.gate import KDAOptions
-from kimi_linear.ops.kda.validate import check_kda_inputs
+from kimi_linear.ops.kda.validate import check_kda_inputs, host_offsets
 
 CHUNK = 64
 SUB_CHUNK = 16
@@ -116,6 +118,7 @@ def chunk_kda(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_host: Sequence[int] | None = None,
     options: KDAOptions | None = None,
     output_chunk_states: bool = False,
 ) -> tuple[torch.Tensor, ...]:
@@ -125,8 +128,12 @@ def chunk_kda(
     chunk of every sequence, ``[sum_n ceil(T_n / 64), H, K, V]`` fp32 in sequence order (for equal-length
     batches, ``.view(B, ceil(T / 64), H, K, V)``); the state after the first 64·j tokens of a sequence is the
     entry of its chunk j, and the state after all of them is ``final_state``.
+
+    Packed sequences are run one by one, sliced at their offsets; with ``cu_seqlens_host`` those come from the host
+    copy and no value is read from the device.
     """
-    n_seq = check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    n_seq = check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_host)
+    bounds = host_offsets(cu_seqlens, cu_seqlens_host)
     q, k, g, beta = (options or KDAOptions()).prepare(q, k, g, beta)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -138,11 +145,10 @@ def chunk_kda(
         initial_state = torch.zeros(n_seq, H, K, V, dtype=acc, device=q.device)
     initial_state = initial_state.to(acc)
 
-    if cu_seqlens is None:
+    if bounds is None:
         o, final, chunk_states = _chunk_kda_dense(q, k, v, g, beta, scale, initial_state)
         chunk_states = chunk_states.flatten(0, 1)
     else:
-        bounds = cu_seqlens.tolist()
         pieces, finals, states = [], [], []
         for n in range(n_seq):
             sl = slice(bounds[n], bounds[n + 1])

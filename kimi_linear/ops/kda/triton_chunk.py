@@ -16,6 +16,7 @@ products, three of grads A's), the rest TF32, and the backward's anchored diagon
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ from kimi_linear.ops.kda.triton_chunk_fwd import (
     state_out_kernel,
 )
 from kimi_linear.ops.kda.triton_common import CHUNK, PREFILL_CHUNK
-from kimi_linear.ops.kda.validate import check_kda_inputs
+from kimi_linear.ops.kda.validate import check_kda_inputs, host_offsets
 
 
 def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -62,23 +63,25 @@ class _Chunks:
         return self.start.numel()
 
 
-def _chunks(B: int, T: int, cu_seqlens: torch.Tensor | None, size: int, device: torch.device) -> _Chunks:
+def _chunks(B: int, T: int, bounds: list[int] | None, size: int, device: torch.device) -> _Chunks:
     """The chunks of ``size`` tokens of each sequence (the last one of a sequence may be shorter): of B sequences
-    of T tokens, built on the device without a host sync; of packed sequences (cu_seqlens), built on the host
-    (one sync to read cu_seqlens) and sent in one copy."""
-    if cu_seqlens is None:
+    of T tokens, built on the device; of packed sequences (``bounds``: their offsets as Python ints), built on the
+    host and sent in one copy. Neither reads a value from the device."""
+    if bounds is None:
         per_seq = -(-T // size)
         cu = torch.arange(B + 1, dtype=torch.int32, device=device) * T
         local = torch.arange(per_seq, dtype=torch.int32, device=device) * size
         start = (cu[:-1, None] + local[None, :]).flatten()
         length = (T - local).clamp(max=size).repeat(B)
         return _Chunks(cu, start, length, torch.arange(B, dtype=torch.int32, device=device) * per_seq)
-    cu = cu_seqlens.cpu().long()
+    cu = torch.tensor(bounds, dtype=torch.long)
     lengths = cu.diff()
     counts = (lengths + size - 1) // size
     offset = torch.cumsum(counts, 0) - counts
-    seq = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    local = (torch.arange(seq.numel()) - offset[seq]) * size
+    # The number of chunks from the ints, so that repeat_interleave need not read it from its (host) input.
+    total = sum(-(-(end - first) // size) for first, end in zip(bounds[:-1], bounds[1:]))
+    seq = torch.repeat_interleave(torch.arange(counts.numel()), counts, output_size=total)
+    local = (torch.arange(total) - offset[seq]) * size
     parts = (cu, cu[:-1][seq] + local, (lengths[seq] - local).clamp(max=size), offset)
     return _Chunks(*torch.cat(parts).to(device=device, dtype=torch.int32).split([p.numel() for p in parts]))
 
@@ -152,10 +155,10 @@ PIPELINE_TOKENS = 8192
 PIPELINE_EDGE = 2  # the first and last blocks are this many times shorter
 
 
-def _prefill(q, k, v, g, beta, A_log, dt_bias, h0, B, cu_seqlens, scale, lower_bound, l2norm, sigmoid, want_final,
+def _prefill(q, k, v, g, beta, A_log, dt_bias, h0, B, bounds, scale, lower_bound, l2norm, sigmoid, want_final,
              want_states):
     """The forward pass without autograd (prefill, evaluation): two kernels over 16-token chunks on flattened
-    ``[B·T, H, D]`` views of B sequences (or of the packed sequences of cu_seqlens, B = 1); returns o, the final
+    ``[B·T, H, D]`` views of B sequences (or of the packed sequences at offsets ``bounds``, B = 1); returns o, the final
     state and the chunk states (or None).
 
     Nothing has to be kept for a backward pass, so the chunk is cut to 16 tokens: one program does all of a
@@ -174,7 +177,7 @@ def _prefill(q, k, v, g, beta, A_log, dt_bias, h0, B, cu_seqlens, scale, lower_b
     V = v.shape[-1]
     dev = q.device
     cdt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    chunks = _chunks(B, T // B, cu_seqlens, PREFILL_CHUNK, dev)
+    chunks = _chunks(B, T // B, bounds, PREFILL_CHUNK, dev)
     n_seq = chunks.offset.numel()
     W, qg, kg = (torch.empty(T, H, K, dtype=cdt, device=dev) for _ in range(3))
     U = torch.empty(T, H, V, dtype=cdt, device=dev)
@@ -182,7 +185,7 @@ def _prefill(q, k, v, g, beta, A_log, dt_bias, h0, B, cu_seqlens, scale, lower_b
     G_end = torch.empty(chunks.count, H, K, dtype=torch.float32, device=dev)
     o = torch.empty(T, H, V, dtype=v.dtype, device=dev)
     final = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=dev) if want_final else None
-    h_chunks = _chunks(B, T // B, cu_seqlens, CHUNK, dev) if want_states else chunks
+    h_chunks = _chunks(B, T // B, bounds, CHUNK, dev) if want_states else chunks
     h = torch.empty(h_chunks.count, H, K, V, dtype=torch.float32, device=dev) if want_states else None
     has_gate = A_log is not None
     BV = _block_v(V, n_seq * H, min_programs=132)
@@ -273,11 +276,11 @@ def _interpreting() -> bool:
 
 class ChunkKDAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, A_log, dt_bias, h0, cu_seqlens, scale, lower_bound, l2norm, sigmoid,
+    def forward(ctx, q, k, v, g, beta, A_log, dt_bias, h0, bounds, scale, lower_bound, l2norm, sigmoid,
                 want_final, want_states):
         B, T, H, K = q.shape
         V = v.shape[-1]
-        chunks = _chunks(B, T, cu_seqlens, CHUNK, q.device)
+        chunks = _chunks(B, T, bounds, CHUNK, q.device)
         flat = [x.reshape(B * T, H, -1) for x in (q, k, v, g)]
         o, final, states, saved = _forward(
             *flat, beta.reshape(B * T, H), A_log, dt_bias, h0, chunks, scale, lower_bound, l2norm, sigmoid,
@@ -298,7 +301,10 @@ class ChunkKDAFunction(torch.autograd.Function):
         B, T, H, K = q.shape
         grads = _backward(
             q.reshape(B * T, H, K), k.reshape(B * T, H, K), v.reshape(B * T, H, -1), g.reshape(B * T, H, K),
-            beta.reshape(B * T, H), A_log, dt_bias, h0, do.reshape(B * T, H, -1).contiguous(), dfinal, saved,
+            beta.reshape(B * T, H), A_log, dt_bias, h0, do.reshape(B * T, H, -1).contiguous(),
+            # the kernels index both cotangents as dense arrays; autograd may hand over broadcast views (the
+            # gradient of a sum is one element expanded: stride 0), so they are made contiguous here
+            None if dfinal is None else dfinal.contiguous(), saved,
             chunks, scale, lower_bound, l2norm, sigmoid,
         )
         dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dh0 = grads
@@ -382,11 +388,13 @@ def chunk_kda_triton(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_host: Sequence[int] | None = None,
     options: KDAOptions | None = None,
     output_chunk_states: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The ``chunk_kda`` contract on Triton (same arguments and returns as :func:`kimi_linear.ops.kda.chunk_kda`)."""
-    check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_host)
+    bounds = host_offsets(cu_seqlens, cu_seqlens_host)
     if not supports(q, v):
         raise ValueError(
             f"the Triton chunk kernels take head sizes that are powers of two from 32 to 256 and bf16/fp16/fp32 "
@@ -405,14 +413,14 @@ def chunk_kda_triton(
     leaves = (q, k, v, g, beta, A_log, dt_bias, initial_state)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in leaves):
         o, final, states = ChunkKDAFunction.apply(
-            q, k, v, g, beta, A_log, dt_bias, initial_state, cu_seqlens, scale, lower_bound,
+            q, k, v, g, beta, A_log, dt_bias, initial_state, bounds, scale, lower_bound,
             options.qk_l2norm, options.beta_sigmoid, output_final_state, output_chunk_states,
         )
     else:
         B, T, H, _ = q.shape
         o, final, states = _prefill(
             *(x.reshape(B * T, H, -1) for x in (q, k, v, g)), beta.reshape(B * T, H), A_log, dt_bias, initial_state,
-            B, cu_seqlens, scale, lower_bound, options.qk_l2norm, options.beta_sigmoid,
+            B, bounds, scale, lower_bound, options.qk_l2norm, options.beta_sigmoid,
             output_final_state, output_chunk_states,
         )
         o = o.view(B, T, H, -1)
