@@ -60,7 +60,6 @@ def chunk_kda(
     cu_seqlens_host: Sequence[int] | None = None,
     options: KDAOptions | None = None,
     output_chunk_states: bool = False,
-    cu_seqlens_host=None,  # TEMPORARY SHIM
 ) -> tuple[torch.Tensor, ...]:
     """Chunkwise KDA (the contract above), on the backend chosen by :func:`set_backend`."""
     kernels = kernel_module(q, "kimi_linear.ops.kda.triton_chunk", q, v)
