@@ -70,7 +70,12 @@ class KimiLinearConfig:
     model_type: str = "kimi_linear"
     architectures: list[str] = field(default_factory=lambda: ["KimiLinearForCausalLM"])
     dtype: str = "bfloat16"
+    # Block Attention Residuals (attnres.md): sublayers per block; None = the standard residual, 1 = Full AttnRes.
+    attn_res_block_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # Fields that newer configs add: written to config.json only when set, so older files round-trip unchanged.
+    OPTIONAL_FIELDS = ("attn_res_block_size",)
 
     def __post_init__(self) -> None:
         self.linear_attn_config = dict(self.linear_attn_config)
@@ -144,6 +149,9 @@ class KimiLinearConfig:
             )
         if not self.mla_use_nope:
             raise ValueError("mla_use_nope must be true: Kimi Linear has no positional encoding")
+        block = self.attn_res_block_size
+        if block is not None and (not isinstance(block, int) or block <= 0):
+            raise ValueError(f"attn_res_block_size must be a positive integer or null, got {block!r}")
         if self.moe_layer_freq <= 0:
             raise ValueError(f"moe_layer_freq must be a positive integer, got {self.moe_layer_freq}")
         self._validate_linear_attn_config()
@@ -204,7 +212,8 @@ class KimiLinearConfig:
             raise ValueError(f"invalid config: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name != "extra" and not (f.name in self.OPTIONAL_FIELDS and getattr(self, f.name) is None)}
         data.update(copy.deepcopy(self.extra))
         return data
 
@@ -333,6 +342,9 @@ def _small(hidden: int, layers: int, mla_every: int, heads: int, head_dim: int, 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "kimi-linear-48b-a3b": KIMI_LINEAR_48B_A3B,
+    # The released shape with Block Attention Residuals as the paper trains it: 54 sublayers in blocks of 6 (three
+    # decoder layers), 9 blocks + the embedding = 10 sources.
+    "kimi-linear-48b-a3b-attnres": {**KIMI_LINEAR_48B_A3B, "attn_res_block_size": 6},
     # CPU-trainable hybrid: 3 KDA + 1 MLA layer, MoE with a shared expert; 6.7M parameters. Head size 32: the
     # chunkwise KDA on CPU runs about twice as fast as with 64 (the built-in training job's 10-minute budget).
     "tiny": _small(hidden=256, layers=4, mla_every=4, heads=4, head_dim=32, experts=8, top_k=2, moe_inter=256,

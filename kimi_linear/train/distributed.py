@@ -131,6 +131,7 @@ def apply_fsdp(model: nn.Module, env: DistEnv) -> None:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, ignored_params=ignored, mp_policy=policy)
     fully_shard(model, mesh=mesh, ignored_params=ignored, mp_policy=policy)
+    model.model.attn_res_two_phase = False  # two-phase reads gather a block's queries across sharded layers
 
 
 def is_sharded(p: torch.Tensor) -> bool:
