@@ -139,7 +139,7 @@ def cost(args: argparse.Namespace) -> None:
             context = 4096 if cuda else 64
             engine = LLMEngine(model, EngineConfig(SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=8192)))
             params = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens if cuda else 4, ignore_eos=True)
-            for i in range(batch):
+            for _ in range(batch):
                 engine.add_request(torch.randint(0, 256, (context,)).tolist(), params)
             while any(s.computed < len(s.tokens) - 1 for s in engine.scheduler.running) or engine.num_waiting:
                 engine.step()  # the prefills
