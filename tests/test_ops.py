@@ -3,8 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from sync_guard import no_host_reads
 
-from kimi_linear.ops.conv import causal_conv1d
+from kimi_linear.ops.backend import use_backend
+from kimi_linear.ops.conv import causal_conv1d, conv_state_at
 from kimi_linear.ops.moe import moe_experts, route, sequence_balance_loss
 from kimi_linear.ops.norm import gated_rms_norm, rms_norm
 
@@ -43,6 +45,55 @@ def test_conv_varlen_matches_per_sequence_and_grads():
     assert torch.autograd.gradcheck(
         lambda x, s, w: causal_conv1d(x, w, initial_state=s, output_final_state=True, cu_seqlens=cu),
         (torch.cat(xs, 1).detach().requires_grad_(), states, w))
+
+
+def state_after(x_seq, state, length, W):
+    """The last W-1 pre-conv inputs after the first ``length`` tokens of one sequence: x_seq [T_n, D], state
+    [D, W-1] or None. Returns [D, W-1]."""
+    carried = state.t() if state is not None else x_seq.new_zeros(W - 1, x_seq.shape[1])
+    return torch.cat([carried, x_seq[:length]])[len(carried) + length - (W - 1):].t()
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("W", [4, 2])
+def test_conv_state_at_matches_per_sequence(with_state, W):
+    """Every prefix length of every sequence (0, 1, below W-1, W-1 and beyond, the full length), in any order and
+    with repeats, from [T, D] and [1, T, D] inputs."""
+    lengths, D = [5, 0, 1, 2, 9], 6
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    x = torch.randn(sum(lengths), D, dtype=f64)
+    state = torch.randn(len(lengths), D, W - 1, dtype=f64) if with_state else None
+    pairs = [(n, m) for n, L in enumerate(lengths) for m in range(L + 1)][::-1]
+    seq_index, upto = (torch.tensor(col) for col in zip(*pairs))
+    for xs in (x, x[None]):
+        got = conv_state_at(xs, state, cu, seq_index, upto, width=W)
+        assert got.shape == (len(pairs), D, W - 1)
+        for r, (n, m) in enumerate(pairs):
+            ref = state_after(x[cu[n]:cu[n + 1]], state[n] if with_state else None, m, W)
+            assert torch.equal(got[r], ref), (n, m)
+
+
+def test_conv_state_at_grads_and_bad_inputs():
+    cu, x = torch.tensor([0, 3, 7]), torch.randn(7, 5, dtype=f64, requires_grad=True)
+    state = torch.randn(2, 5, 3, dtype=f64, requires_grad=True)
+    seq_index, upto = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 4])
+    assert torch.autograd.gradcheck(lambda x, s: conv_state_at(x, s, cu, seq_index, upto, width=4), (x, state))
+    with pytest.raises(ValueError, match="initial_state"):
+        conv_state_at(x, state, cu, seq_index, upto, width=3)
+    with pytest.raises(ValueError, match="lengths"):
+        conv_state_at(x, state, cu, seq_index, upto[:2], width=4)
+    with pytest.raises(ValueError, match="x must be"):
+        conv_state_at(x[None, None], state, cu, seq_index, upto, width=4)
+
+
+def test_conv_reads_nothing_from_the_device():
+    """The PyTorch conv (packed, with state, final state) and conv_state_at read no tensor value on the host."""
+    cu = torch.tensor([0, 5, 5, 6, 14])
+    x, w, s = torch.randn(1, 14, 6), torch.randn(6, 4), torch.randn(4, 6, 3)
+    with use_backend("torch"), no_host_reads():
+        causal_conv1d(x, w, initial_state=s, output_final_state=True, cu_seqlens=cu)
+        causal_conv1d(x.view(14, 1, 6), w, initial_state=torch.randn(14, 6, 3), output_final_state=True)  # decode
+        conv_state_at(x, s, cu, torch.tensor([3, 0]), torch.tensor([8, 2]), width=4)
 
 
 def test_norms():
