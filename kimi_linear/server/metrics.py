@@ -103,6 +103,8 @@ class ServerMetrics:
                                     buckets=_TOKEN_BUCKETS, registry=r).labels(model_name)
         self._finished = Counter("vllm:request_success", "Finished completions by reason (stop, length, abort, "
                                  "error).", ["model_name", "finished_reason"], registry=r)
+        for reason in ("stop", "length", "abort", "error"):  # present from the start, at 0
+            self._finished.labels(model_name, reason)
         self._http_errors = Counter("kimi:http_errors", "Error responses by status code.", ["status"], registry=r)
         r.register(_EngineCollector(engine, model_name))
 
