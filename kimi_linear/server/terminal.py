@@ -6,20 +6,24 @@ Design choices:
   that cheap: the previous turn's prompt and reply are a prefix of the new prompt, so only the new user message is
   computed. A dim status line after each reply shows the tokens generated, how many prompt tokens came from the
   cache, and the speed.
-- The engine runs in :class:`AsyncEngine`'s background thread and each reply is streamed through ``asyncio.run``,
-  whose SIGINT handling cancels the reply: Ctrl-C during a reply aborts its request (the engine frees its memory at
-  the next step) and **keeps the partial reply** in the conversation, as chat interfaces keep a stopped answer (an
-  empty one drops the turn). Ctrl-C at the prompt clears the line; Ctrl-D or ``/exit`` ends the session;
-  ``/reset`` starts a new conversation.
+- The engine runs in :class:`AsyncEngine`'s background thread; each reply is streamed on one event loop kept for
+  the whole session (the engine may still deliver an aborted request's last output after the reply ended, and a
+  closed loop would make that raise in the engine thread), with a SIGINT handler installed only while a reply
+  streams: Ctrl-C cancels the reply, which aborts its request (the engine frees its memory at the next step), and
+  **keeps the partial reply** in the conversation, as chat interfaces keep a stopped answer (an empty one drops
+  the turn). Ctrl-C at the prompt clears the line; Ctrl-D or ``/exit`` ends the session; ``/reset`` starts a new
+  conversation.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from kimi_linear.chat import ChatFormatError, render_chat
 from kimi_linear.engine import RequestError, SamplingParams
@@ -28,6 +32,7 @@ from kimi_linear.errors import UserError
 from kimi_linear.server.loading import load_engine
 from kimi_linear.tokenizer import CHAT_MARKERS, Tokenizer
 
+T = TypeVar("T")
 HELP = "/reset: new conversation · /exit or Ctrl-D: quit · Ctrl-C: stop a reply"
 
 
@@ -42,7 +47,11 @@ class ChatSession:
         self.out = out
         self.dim = out.isatty()
         self.messages: list[dict[str, str]] = []
+        self.loop = asyncio.new_event_loop()
         self.reset()
+
+    def close(self) -> None:
+        self.loop.close()
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -78,7 +87,7 @@ class ChatSession:
         params = SamplingParams(max_tokens=min(self.max_tokens, room), stop_token_ids=self.tokenizer.stop_token_ids,
                                 **self.params)
         try:
-            reply, interrupted, status = asyncio.run(self._stream(prompt, params))
+            reply, interrupted, status = self._run_reply(self._stream(prompt, params))
         except RequestError as e:
             self.messages.pop()
             self._status(f"[{e}]")
@@ -92,6 +101,15 @@ class ChatSession:
             self.messages.pop()
         if status:
             self._status(status)
+
+    def _run_reply(self, reply: Coroutine[Any, Any, T]) -> T:
+        """Run a reply on the session's loop; SIGINT meanwhile cancels it (the coroutine decides what that means)."""
+        task = self.loop.create_task(reply)
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: self.loop.call_soon_threadsafe(task.cancel))
+        try:
+            return self.loop.run_until_complete(task)
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     async def _stream(self, prompt: list[int], params: SamplingParams) -> tuple[str, bool, str]:
         """(reply text, whether Ctrl-C cut it, status line)."""
@@ -157,4 +175,5 @@ def run_chat(args: argparse.Namespace) -> int:
                 session.turn(line)
     finally:
         runner.shutdown(timeout=5.0)
+        session.close()
     return 0
