@@ -210,6 +210,8 @@ def test_auth_size_and_admission(server):
     status, body = raw(server, "GET", "/nowhere")
     assert status == 404
     assert_error(body, "not_found_error")
+    status, body = raw(server, "GET", "/v1/completions")
+    assert status == 405 and "does not accept GET" in body["error"]["message"]
     server.ctx.state = "draining"
     try:
         status, body = raw(server, "POST", "/v1/completions", b'{"prompt": "x"}')
@@ -236,17 +238,19 @@ def test_a_bug_is_a_500_and_the_server_goes_on(server, client, monkeypatch):
 
 def test_a_failing_engine_step_ends_the_request_with_an_error(server, client, monkeypatch):
     original = server.engine.model.forward_step
-    calls = {"n": 0}
+    failing = {"on": True}
 
     def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
+        if failing["on"]:
             raise RuntimeError("step exploded")
         return original(*args, **kwargs)
 
     monkeypatch.setattr(server.engine.model, "forward_step", flaky)
     with pytest.raises(openai.InternalServerError, match="step exploded"):
         client.completions.create(model="test-model", prompt="fail", max_tokens=2)
+    with pytest.raises(openai.InternalServerError, match="step exploded"):  # a 500 status, not a broken stream
+        client.chat.completions.create(model="test-model", messages=HI, max_tokens=2, stream=True)
+    failing["on"] = False
     assert client.completions.create(model="test-model", prompt="fine", max_tokens=2).choices[0].text is not None
 
 

@@ -96,16 +96,16 @@ def _declared_length(headers: dict[str, str]) -> int:
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    size, chunks, over = 0, [], False
+    size, chunks = 0, []
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            over = True  # keep reading (and dropping) so the client gets the 413 rather than a reset connection
-            chunks.clear()
-        elif not over:
+        if size > _DISCARD_FACTOR * limit:
+            break
+        if size <= limit:
             chunks.append(chunk)
-    if over:
-        raise ApiError(413, f"the request body ({size:,} bytes) exceeds the limit of {limit:,} bytes")
+        # Over the limit: read on (dropping it) so the client gets the 413 rather than a reset connection.
+    if size > limit:
+        raise ApiError(413, f"the request body exceeds the limit of {limit:,} bytes")
     try:
         body = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
@@ -190,7 +190,9 @@ def build_app(runner: AsyncEngine, tokenizer: Tokenizer, model_name: str, *, api
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        messages = {404: f"no route {request.url.path}",
+                    405: f"{request.url.path} does not accept {request.method} requests"}
+        message = messages.get(exc.status_code, str(exc.detail))
         return error_response(ctx, ApiError(exc.status_code, message))
 
     @app.exception_handler(Exception)

@@ -176,6 +176,9 @@ class _ChatCompletion:
                 yield sse({**self._base("chat.completion.chunk"), "choices": [], "usage": self.usage()})
         except ApiError as e:  # the status line is sent: the error goes in the stream
             yield sse(e.body())
+        except Exception as e:  # a bug: logged with its traceback, reported in the stream
+            log.exception("stream failed")
+            yield sse(ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
         finally:
             self.streams.close()
         yield sse("[DONE]")

@@ -6,6 +6,7 @@ i]``, as in OpenAI's API. Text comes from the engine (incremental detokenisation
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +26,8 @@ from kimi_linear.server.protocol import (
     usage,
 )
 from kimi_linear.server.streams import EngineStreams, start_or_raise, unless_client_gone
+
+log = logging.getLogger(__name__)
 
 
 class _Choice:
@@ -96,6 +99,9 @@ class _Completion:
                 yield sse({**self._base(), "choices": [], "usage": self.usage()})
         except ApiError as e:  # the status line is sent: the error goes in the stream
             yield sse(e.body())
+        except Exception as e:  # a bug: logged with its traceback, reported in the stream
+            log.exception("stream failed")
+            yield sse(ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
         finally:
             self.streams.close()
         yield sse("[DONE]")

@@ -86,8 +86,8 @@ class EngineStreams:
         return item
 
     async def first_outputs(self) -> None:
-        """Wait until every prompt has its first output (kept for :meth:`next`); raises the first error of any
-        prompt (e.g. :class:`~kimi_linear.engine.RequestError`)."""
+        """Wait until every prompt has its first output (kept for :meth:`next`). A prompt the engine refused raises
+        its 400, one whose first step failed a 500 (:class:`ApiError`); other errors propagate."""
         started: set[int] = set()
         while len(started) < len(self._tasks):
             index, out, error = await self._get()
@@ -96,6 +96,8 @@ class EngineStreams:
             if error is not None:
                 raise error
             started.add(index)
+            if out is not None and out.error is not None:  # the engine failed before the first token
+                raise ApiError(500, f"generation failed: {out.error}")
             if out is not None:
                 self._buffered.append((index, out))
 
