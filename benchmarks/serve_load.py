@@ -104,7 +104,8 @@ CACHE_METRICS = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_tota
 class Record:
     def __init__(self) -> None:
         self.ttft: list[float] = []
-        self.itl: list[float] = []  # gaps between consecutive streamed chunks (a chunk is about one token)
+        self.itl: list[float] = []  # gaps between consecutive streamed chunks with text
+        self.tpot: list[float] = []  # per request: (last chunk - first chunk) / (output tokens - 1)
         self.output_tokens = 0
         self.prompt_tokens = 0
         self.cached_tokens = 0
@@ -114,7 +115,8 @@ class Record:
         """Consume a streamed response, timing it; returns its text."""
         start = time.perf_counter()
         stream = await coro
-        last, text, usage = None, [], None
+        first = last = None
+        text, usage = [], None
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.choices:
@@ -125,6 +127,7 @@ class Record:
                 if piece is not None or getattr(c, "logprobs", None) is not None:
                     if last is None:
                         self.ttft.append(now - start)
+                        first = now
                     elif piece:
                         self.itl.append(now - last)
                     last = now
@@ -136,6 +139,8 @@ class Record:
             self.prompt_tokens += usage.prompt_tokens
             details = usage.prompt_tokens_details
             self.cached_tokens += (details.cached_tokens or 0) if details else 0
+            if usage.completion_tokens > 1 and first is not None:
+                self.tpot.append((last - first) / (usage.completion_tokens - 1))
         return "".join(text)
 
 
@@ -152,6 +157,7 @@ def summary(record: Record, elapsed: float) -> dict:
             "ITL p50 ms": 1e3 * percentile(record.itl, 0.5), "ITL p90 ms": 1e3 * percentile(record.itl, 0.9),
             "ITL p99 ms": 1e3 * percentile(record.itl, 0.99),
             "ITL mean ms": 1e3 * statistics.mean(record.itl) if record.itl else float("nan"),
+            "TPOT p50 ms": 1e3 * percentile(record.tpot, 0.5), "TPOT p90 ms": 1e3 * percentile(record.tpot, 0.9),
             "prompt tokens": record.prompt_tokens, "cached tokens": record.cached_tokens}
 
 
@@ -283,15 +289,18 @@ def main() -> None:
         tmp.cleanup()
 
     cols_sweep = ["concurrency", "requests", "output tok/s", "requests/s", "TTFT p50 s", "TTFT p90 s", "TTFT p99 s",
-                  "ITL p50 ms", "ITL p90 ms", "ITL p99 ms"]
+                  "ITL p50 ms", "ITL p90 ms", "ITL p99 ms", "TPOT p50 ms", "TPOT p90 ms"]
     cols_chat = ["prefix cache", "conversations", "turns", "output tok/s", "TTFT turn 1 p50 s", "TTFT p50 s",
-                 "TTFT p90 s", "ITL p50 ms", "prompt tokens", "cached tokens", "tokens computed", "state hit tokens",
+                 "TTFT p90 s", "TPOT p50 ms", "prompt tokens", "cached tokens", "tokens computed", "state hit tokens",
                  "latent hit tokens"]
     table = (f"## Random load (completions, prompts of {args.prompt_len} tokens, outputs of {args.output_len} tokens, "
              f"greedy, streamed; closed loop of `concurrency` clients)\n\n" + markdown_table(sweep, cols_sweep)
              + f"\n\n## Chat mix ({args.conversations} conversations x {args.turns} turns, a shared "
              f"{args.system_words}-word system prompt, {args.message_words}-word messages, {args.reply_tokens}-token "
-             "replies; TTFT columns after turn 1 are over turns 2+)\n\n" + markdown_table(chat, cols_chat))
+             "replies; TTFT columns after turn 1 are over turns 2+)\n\n" + markdown_table(chat, cols_chat)
+             + "\n\nITL: gaps between streamed chunks that carry text (a chunk is one token, but a token ending "
+             "inside a UTF-8 character sends nothing until the character completes: random weights emit many); TPOT: "
+             "per request, (last chunk - first chunk) / (output tokens - 1).\n")
     print(table)
     meta = {**environment(), "machine": args.machine, "cpu_count": os.cpu_count(),
             "model": args.url or args.model or f"random {args.preset} preset (fp32), byte tokenizer",

@@ -189,7 +189,7 @@ def test_error_statuses_and_bodies(server, client):
                                                                                          "content": "x"}]}).encode())
     assert status == 400 and body["error"]["param"] == "messages[0]"
     status, body = raw(server, "POST", "/v1/completions", json.dumps({"prompt": 5}).encode())
-    assert status == 400 and body["error"]["param"].startswith("prompt")
+    assert status == 400 and body["error"]["param"] == "prompt" and "accepted forms" in body["error"]["message"]
     status, body = raw(server, "POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 1,
                                                                       "some_vendor_field": {"a": 1}}).encode())
     assert status == 200  # unknown fields are ignored
@@ -238,6 +238,7 @@ def test_a_bug_is_a_500_and_the_server_goes_on(server, client, monkeypatch):
 
 def test_a_failing_engine_step_ends_the_request_with_an_error(server, client, monkeypatch):
     original = server.engine.model.forward_step
+    client.chat.completions.create(model="test-model", messages=HI, max_tokens=1)  # HI in the prefix cache
     failing = {"on": True}
 
     def flaky(*args, **kwargs):
@@ -248,8 +249,13 @@ def test_a_failing_engine_step_ends_the_request_with_an_error(server, client, mo
     monkeypatch.setattr(server.engine.model, "forward_step", flaky)
     with pytest.raises(openai.InternalServerError, match="step exploded"):
         client.completions.create(model="test-model", prompt="fail", max_tokens=2)
+    fresh = [{"role": "user", "content": "not cached yet"}]
     with pytest.raises(openai.InternalServerError, match="step exploded"):  # a 500 status, not a broken stream
-        client.chat.completions.create(model="test-model", messages=HI, max_tokens=2, stream=True)
+        client.chat.completions.create(model="test-model", messages=fresh, max_tokens=2, stream=True)
+    # HI is cached with its final hidden state: the first token needs no forward, the failure comes mid-stream
+    stream = client.chat.completions.create(model="test-model", messages=HI, max_tokens=4, stream=True)
+    with pytest.raises(openai.APIError, match="step exploded"):
+        list(stream)
     failing["on"] = False
     assert client.completions.create(model="test-model", prompt="fine", max_tokens=2).choices[0].text is not None
 

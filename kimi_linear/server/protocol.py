@@ -63,12 +63,27 @@ def param_of(message: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _type_tag(part: object) -> bool:
+    """Whether a pydantic error-location part names a union member (``str``, ``list[int]``) rather than a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none")
+                                      or "[" in part or part.startswith("function-"))
+
+
 def validation_error(e: ValidationError) -> ApiError:
-    """A 400 for the first problem pydantic found, naming the field by its path (``messages.0.role``)."""
-    first = e.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "union["))))
-    # For unions pydantic reports one error per member; the path without the member tags is what the user wrote.
-    return ApiError(400, f"{loc or 'body'}: {first['msg']}", param=loc or None)
+    """A 400 for the first field pydantic rejected, named by its path (``messages.0``, ``stop``)."""
+    errors = e.errors(include_url=False)
+    first, loc = errors[0], errors[0]["loc"]
+    union = next((i for i, part in enumerate(loc) if _type_tag(part)), None)
+    if union is not None:
+        # A union (prompt, stop, tool_choice) fails once per member: name the field and the forms it accepts.
+        forms = dict.fromkeys(str(err["loc"][union]) for err in errors
+                              if err["loc"][:union] == loc[:union] and len(err["loc"]) > union)
+        path = ".".join(map(str, loc[:union]))
+        value = repr(first.get("input")) if len(loc) == union + 1 else "the value"
+        value = value if len(value) <= 60 else value[:57] + "..."
+        return ApiError(400, f"{path}: {value} is not one of the accepted forms: {', '.join(forms)}", param=path)
+    path = ".".join(map(str, loc))
+    return ApiError(400, f"{path or 'body'}: {first['msg']}", param=path or None)
 
 
 # ---- requests ------------------------------------------------------------------------------------------------------
