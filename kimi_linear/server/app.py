@@ -186,7 +186,7 @@ def build_app(runner: AsyncEngine, tokenizer: Tokenizer, model_name: str, *, api
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(ctx.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(ctx.metrics.exposition(), headers={"Content-Type": ctx.metrics.content_type})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -116,6 +116,8 @@ class ServerMetrics:
 
     def timer(self, n: int = 1) -> RequestTimer:
         return RequestTimer(self, n)
+
+    content_type = CONTENT_TYPE_LATEST
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
