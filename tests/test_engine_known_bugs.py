@@ -10,7 +10,7 @@ import torch
 from serving_helpers import chain_model
 
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
-from kimi_linear.engine import EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from kimi_linear.engine import EngineConfig, LLMEngine, RequestError, SamplingParams, SchedulerConfig
 from kimi_linear.engine.async_engine import AsyncEngine
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -65,3 +65,18 @@ def test_a_completion_that_ends_inside_a_character_keeps_it():
             ids += out.outputs[0].token_ids if out.outputs else []
     assert ids == [0xE2, 0x82, 257]
     assert text == tokenizer.decode(ids) == "\ufffd"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "engine bug: SamplingParams.validate accepts a seed outside 64 bits and a top_k of 2**63 or more; the step then "
+    "raises (torch.Generator.manual_seed / a long tensor overflows), and under AsyncEngine every request in that "
+    "step fails with it. The server refuses such values itself (400)."))
+@pytest.mark.parametrize("field", [{"seed": 2**64}, {"top_k": 2**63}])
+def test_a_64_bit_overflow_is_refused_at_add_request(field):
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(KimiLinearConfig.from_preset("test")).eval()
+    engine = LLMEngine(model, EngineConfig(SchedulerConfig(max_num_seqs=4), num_slots=8, num_blocks=32,
+                                           block_size=16))
+    engine.add_request([1, 2, 3], PARAMS)  # an innocent bystander
+    with pytest.raises(RequestError):
+        engine.add_request([4, 5, 6], SamplingParams(max_tokens=2, **field))

@@ -193,6 +193,9 @@ def test_error_statuses_and_bodies(server, client):
     status, body = raw(server, "POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 1,
                                                                       "some_vendor_field": {"a": 1}}).encode())
     assert status == 200  # unknown fields are ignored
+    for field in ({"seed": 2**64}, {"top_k": 2**63}):  # would overflow in the engine's step
+        status, body = raw(server, "POST", "/v1/completions", json.dumps({"prompt": "x", **field}).encode())
+        assert status == 400 and body["error"]["param"] == next(iter(field))
     status, body = raw(server, "POST", "/v1/completions", json.dumps({"prompt": "x", "n": 1000}).encode())
     assert status == 400 and "max_num_seqs" in body["error"]["message"]
 

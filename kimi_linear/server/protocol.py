@@ -119,6 +119,13 @@ class _SamplingFields(_Lenient):
     user: Any = None  # accepted and ignored
 
     def check_unsupported(self) -> None:
+        # The engine's validation lets these through and its step then overflows, failing every request of that
+        # step (tests/test_engine_known_bugs.py): refuse them here.
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ApiError(400, "seed must fit in 64 bits", param="seed")
+        if self.top_k is not None and self.top_k >= 2**63:
+            raise ApiError(400, "top_k must be below 2**63 (any value above the vocabulary size keeps every token)",
+                           param="top_k")
         if self.logit_bias:
             raise ApiError(400, "logit_bias is not supported by this server", param="logit_bias")
         if self.stream_options is not None and not self.stream:
