@@ -96,11 +96,15 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         self._thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self._thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
+        self.wait_until(lambda: self.server.started)
+        self.wait_until(lambda: self.ctx.state == "ready")  # after the warm-up request
         return self
+
+    def wait_until(self, condition, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self._thread.is_alive() and time.monotonic() < deadline, "timed out"
+            time.sleep(0.02)
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import threading
 
 import openai
 import pytest
@@ -338,3 +339,28 @@ def test_a_model_without_chat_format_serves_completions_only():
         with pytest.raises(openai.BadRequestError, match="no chat format"):
             client.chat.completions.create(model="plain", messages=HI)
         assert client.completions.create(model="plain", prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+def test_503_until_the_warm_up_request_has_run():
+    model = random_model()
+    release = threading.Event()
+    original = model.forward_step
+
+    def slow_first_step(*args, **kwargs):
+        assert release.wait(60)
+        return original(*args, **kwargs)
+
+    model.forward_step = slow_first_step
+    server = LiveServer(model, name="slow")
+    server._thread.start()  # not __enter__, which waits for readiness
+    try:
+        server.wait_until(lambda: server.server.started)
+        status, body = raw(server, "GET", "/health", key=None)
+        assert status == 503 and "starting" in body["error"]["message"]
+        assert raw(server, "POST", "/v1/completions", b'{"prompt": "x"}', key=None)[0] == 503
+        release.set()
+        server.wait_until(lambda: server.ctx.state == "ready")
+        assert raw(server, "GET", "/health", key=None)[0] == 200
+    finally:
+        release.set()
+        server.__exit__(None, None, None)

@@ -11,8 +11,10 @@ Design choices:
 - **Every error has OpenAI's body** ``{"error": {"message", "type", "param", "code"}}`` with string type and
   code: 400 bad request, 401, 404 unknown model or route, 405, 413, 503; a 500 only for a bug, logged with its
   traceback on the server and answered with a one-line message (the server goes on).
-- **The lifespan owns the engine loop**: it starts the :class:`AsyncEngine` (unless already running), marks the
-  server ready, and on exit shuts the loop down after the requests in flight.
+- **The lifespan owns the engine loop**: it starts the :class:`AsyncEngine` (unless already running) and sends one
+  tiny warm-up request through it; the server is ready (200 from ``/health``, generation admitted) once that
+  request has finished, so a first step that compiles kernels happens before any client waits on it. On exit it
+  shuts the loop down after the requests in flight.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kimi_linear.engine import SamplingParams
 from kimi_linear.engine.async_engine import AsyncEngine
 from kimi_linear.server.chat_completions import create_chat_completion
 from kimi_linear.server.cli import DEFAULT_MAX_BODY_BYTES
 from kimi_linear.server.completions import create_completion
-from kimi_linear.server.context import READY, ServerContext
+from kimi_linear.server.context import READY, STARTING, ServerContext
 from kimi_linear.server.metrics import ServerMetrics
 from kimi_linear.server.protocol import ApiError
 from kimi_linear.server.streams import ClientGone
@@ -126,11 +129,21 @@ def build_app(runner: AsyncEngine, tokenizer: Tokenizer, model_name: str, *, api
     ctx = ServerContext(runner, tokenizer, model_name, ServerMetrics(runner.engine, model_name), api_key=api_key,
                         max_body_bytes=max_body_bytes, model_root=model_root)
 
+    async def warm_up() -> None:
+        prompt = [tokenizer.bos_token_id or 0] * 2
+        try:
+            async for _ in runner.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)):
+                pass
+        except Exception:  # the first real request will meet the problem again, and report it
+            log.exception("the warm-up request failed")
+        if ctx.state == STARTING:
+            ctx.state = READY
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if not runner.running:
             runner.start()
-        ctx.state = READY
+        app.state.warm_up = asyncio.create_task(warm_up())  # the server binds meanwhile, answering 503
         try:
             yield
         finally:

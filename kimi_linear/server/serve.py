@@ -19,7 +19,7 @@ import uvicorn
 
 from kimi_linear.engine.async_engine import AsyncEngine
 from kimi_linear.server.app import build_app
-from kimi_linear.server.context import ServerContext
+from kimi_linear.server.context import READY, STARTING, ServerContext
 from kimi_linear.server.loading import load_engine
 
 
@@ -35,6 +35,13 @@ class DrainingServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started:
+            self._announcement = self._loop.create_task(self._announce())
+
+    async def _announce(self) -> None:
+        """One line on stdout once the server is ready (after the warm-up request): where it listens."""
+        while self.ctx.state == STARTING:
+            await asyncio.sleep(0.05)
+        if self.ctx.state == READY:
             port = self.servers[0].sockets[0].getsockname()[1]
             print(f"kimi-linear: serving {self.ctx.model_name!r} on http://{self.config.host}:{port}", flush=True)
 

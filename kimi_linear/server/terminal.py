@@ -147,6 +147,10 @@ def run_chat(args: argparse.Namespace) -> int:
     if not has_format:
         raise UserError(f"{directory} has no chat format (no chat markers in its tokenizer, no chat template): "
                         "use `kimi-linear generate` for plain completions")
+    try:  # bad options are reported now, not at the first message
+        SamplingParams(temperature=args.temperature, top_p=args.top_p).validate(engine.vocab_size)
+    except ValueError as e:
+        raise UserError(f"--{str(e).replace('_', '-')}") from None
     runner = AsyncEngine(engine).start()
     session = ChatSession(runner, tokenizer, system=args.system, temperature=args.temperature, top_p=args.top_p,
                           max_tokens=args.max_tokens)
