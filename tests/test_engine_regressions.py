@@ -1,4 +1,4 @@
-"""Engine bugs found by the server work (reported, not fixed here: the engine files are not the server's)."""
+"""Engine bugs the server work found, kept as regression tests."""
 
 from __future__ import annotations
 
@@ -16,13 +16,8 @@ from kimi_linear.engine.async_engine import AsyncEngine
 PARAMS = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: AsyncEngine.generate's listener calls call_soon_threadsafe on the consumer's event loop; when that "
-    "loop is closed (e.g. asyncio.run returned after leaving a stream early, and the abort's output arrives later) "
-    "it raises in the engine thread, _run's handler calls fail_all, which publishes to the same listener and raises "
-    "again, and the engine thread dies: every later request hangs. kimi-linear chat works around it with one event "
-    "loop for the whole session."))
 def test_the_engine_thread_survives_a_listener_whose_loop_is_closed():
+    """A listener that raises (its event loop closed) is dropped and its request aborted; the loop goes on."""
     torch.manual_seed(0)
     model = KimiLinearForCausalLM(KimiLinearConfig.from_preset("test")).eval()
     engine = LLMEngine(model, EngineConfig(SchedulerConfig(max_num_seqs=4), num_slots=8, num_blocks=32,
@@ -46,11 +41,8 @@ def test_the_engine_thread_survives_a_listener_whose_loop_is_closed():
         runner.shutdown(timeout=1.0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: the Detokenizer holds back ids whose bytes end inside a UTF-8 character, and a completion that "
-    "finishes there (a stop token, max_tokens) never flushes them: the text loses its last character, where "
-    "tokenizer.decode(output ids) ends with U+FFFD (the server's chat path, which parses ids, shows it)"))
 def test_a_completion_that_ends_inside_a_character_keeps_it():
+    """Ids held back for an unfinished UTF-8 character are flushed when the completion ends (as U+FFFD)."""
     from kimi_linear.tokenizer import ByteTokenizer
 
     tokenizer = ByteTokenizer.with_chat_markers()
@@ -67,12 +59,9 @@ def test_a_completion_that_ends_inside_a_character_keeps_it():
     assert text == tokenizer.decode(ids) == "\ufffd"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: SamplingParams.validate accepts a seed outside 64 bits and a top_k of 2**63 or more; the step then "
-    "raises (torch.Generator.manual_seed / a long tensor overflows), and under AsyncEngine every request in that "
-    "step fails with it. The server refuses such values itself (400)."))
 @pytest.mark.parametrize("field", [{"seed": 2**64}, {"top_k": 2**63}])
 def test_a_64_bit_overflow_is_refused_at_add_request(field):
+    """Values that would overflow int64 in the step are refused when the request arrives, not inside the step."""
     torch.manual_seed(0)
     model = KimiLinearForCausalLM(KimiLinearConfig.from_preset("test")).eval()
     engine = LLMEngine(model, EngineConfig(SchedulerConfig(max_num_seqs=4), num_slots=8, num_blocks=32,
