@@ -6,6 +6,8 @@ Design choices:
 - ``linear_attn_config`` stays the nested dict of the file, with its 1-indexed layer lists; the 0-indexed
   view the code uses is derived (``layer_types``) rather than stored twice.
 - Presets are plain dicts in the file format, so a preset *is* a valid ``config.json``.
+- Our own switches that the released file lacks (``OWN_SWITCHES``) are written only when they differ from their
+  default, so that file still round-trips exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ACTIVATIONS = ("silu",)
+# Fields of ours that the released config.json does not have: to_dict writes them only when they are set.
+OWN_SWITCHES = ("moe_weights_from_biased_scores",)
 ROUTER_ACTIVATIONS = ("sigmoid",)
 
 
@@ -58,6 +62,10 @@ class KimiLinearConfig:
     num_expert_group: int = 1
     topk_group: int = 1
     moe_renormalize: bool = True
+    # Our switch, not in the released config.json: route with the weights of the model's remote code, gathered from
+    # sigmoid scores + correction bias, instead of the unbiased scores of vLLM, SGLang and transformers (the
+    # default; see architecture.md, MoE, and kimi_linear.ops.moe.route).
+    moe_weights_from_biased_scores: bool = False
     num_nextn_predict_layers: int = 0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
@@ -144,6 +152,9 @@ class KimiLinearConfig:
             )
         if not self.mla_use_nope:
             raise ValueError("mla_use_nope must be true: Kimi Linear has no positional encoding")
+        if not isinstance(self.moe_weights_from_biased_scores, bool):
+            raise ValueError(f"moe_weights_from_biased_scores must be true or false, got "
+                             f"{self.moe_weights_from_biased_scores!r}")
         if self.moe_layer_freq <= 0:
             raise ValueError(f"moe_layer_freq must be a positive integer, got {self.moe_layer_freq}")
         self._validate_linear_attn_config()
@@ -204,7 +215,9 @@ class KimiLinearConfig:
             raise ValueError(f"invalid config: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+        fields = [f for f in dataclasses.fields(self) if f.name != "extra"]
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields
+                if f.name not in OWN_SWITCHES or getattr(self, f.name) != f.default}
         data.update(copy.deepcopy(self.extra))
         return data
 

@@ -68,6 +68,7 @@ class Router(nn.Module):
             num_expert_group=c.num_expert_group if c.use_grouped_topk else 1,
             topk_group=c.topk_group if c.use_grouped_topk else 1,
             renormalize=c.moe_renormalize, routed_scaling_factor=c.routed_scaling_factor,
+            weights_from_biased_scores=c.moe_weights_from_biased_scores,
         )
 
 
