@@ -7,7 +7,7 @@ from sync_guard import no_host_reads
 
 from kimi_linear.ops.backend import use_backend
 from kimi_linear.ops.conv import causal_conv1d, conv_state_at
-from kimi_linear.ops.moe import moe_experts, route, sequence_balance_loss
+from kimi_linear.ops.moe import _grouped_linear, _grouped_mm_applies, moe_experts, route, sequence_balance_loss
 from kimi_linear.ops.norm import gated_rms_norm, rms_norm
 
 f64 = torch.float64
@@ -140,6 +140,43 @@ def test_experts_match_a_loop_over_tokens():
     assert torch.allclose(y, ref)
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def loop_linear(x, weight, counts):
+    """The grouped product expert by expert: rows of x sorted by expert, counts[e] of them for expert e."""
+    return torch.cat([x_e @ weight[e].t() for e, x_e in enumerate(x.split(counts.tolist()))])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_matches_the_loop(dtype):
+    """Without a gradient, aligned dims and a supported dtype take torch._grouped_mm (where torch has it), which
+    must agree with the loop over experts; anything else keeps the loop."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    counts = torch.tensor([3, 0, 5, 1, 0])
+    offsets = counts.cumsum(0).to(torch.int32)
+    x, weight = torch.randn(9, 16).to(dtype), torch.randn(5, 24, 16).to(dtype)
+    assert _grouped_mm_applies(x, weight)
+    y = _grouped_linear(x, weight, counts, offsets)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(y, loop_linear(x, weight, counts), rtol=tol, atol=tol)
+    assert not _grouped_mm_applies(x.requires_grad_(), weight)  # its CPU backward fails
+    assert not _grouped_mm_applies(torch.randn(9, 6).to(dtype), torch.randn(5, 24, 6).to(dtype))  # 6 x 4 bytes
+    assert not _grouped_mm_applies(x.double(), weight.double())
+
+
+@torch.no_grad()
+def test_inference_experts_read_nothing_from_the_device():
+    """The MoE inference path (grouped product) reads no tensor value on the host, and matches fp64."""
+    N, D, I, E, k = 20, 16, 8, 5, 2
+    x, gu, down = torch.randn(N, D), torch.randn(E, 2 * I, D), torch.randn(E, D, I)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
+    idx[:, 0] = 4  # expert 4 busy, some experts idle
+    w = torch.rand(N, k)
+    with no_host_reads():
+        y = moe_experts(x, gu, down, idx, w)
+    ref = moe_experts(x.double(), gu.double(), down.double(), idx, w.double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_balance_loss_is_one_for_uniform_routing():
