@@ -126,11 +126,15 @@ class DepthState:
         return reader(self)
 
 
+@dataclass
 class Residual:
-    """The standard residual stream, with the interface of :class:`DepthState`: a read is the running sum."""
+    """The standard residual stream, with the interface of :class:`DepthState`: a read is the running sum.
 
-    def __init__(self, h: torch.Tensor) -> None:
-        self.h = h
+    Both streams are dataclasses because a decoder layer takes and returns them: wrappers that look for the tensors
+    in a module's inputs and outputs traverse dataclasses (FSDP2 hooks its pre-backward unshard on the output tensors
+    and its mixed precision casts the input tensors)."""
+
+    h: torch.Tensor
 
     def read(self, reader: DepthRead | None = None) -> torch.Tensor:
         return self.h
@@ -146,3 +150,4 @@ class SublayerReads(nn.Module):
         super().__init__()
         self.attn = DepthRead(hidden_size, eps)
         self.ffn = DepthRead(hidden_size, eps)
+
