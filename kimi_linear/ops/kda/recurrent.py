@@ -8,7 +8,7 @@ its output is zeros.
 The PyTorch step reads no tensor value on the host (no synchronisation on CUDA, so it can be graph-captured):
 all N sequences advance together (a loop over the T tokens only), and the pool is read with one gather and
 written with one ``index_copy_`` of N rows. That write has no room for a data-dependent number of rows, so
-padding rows write too, harmlessly: to the slot of the first real row, the very state that row writes (duplicate
+padding rows write too, harmlessly: to the slot of one real row, the very state that row writes (duplicate
 indices carry identical values, so the order of the writes does not matter), or, in a batch of padding rows
 only, to slot 0 its own old value. A padding row computes on slot 0's state, which may be anything (a freed slot,
 even NaN), so its results are dropped with ``torch.where``, never multiplied by a mask (NaN * 0 = NaN).
@@ -79,8 +79,8 @@ def fused_recurrent_kda(
         S, o[:, t] = delta_rule_step(S, q[:, t] * scale, k[:, t], v[:, t], g[:, t], beta[:, t])
     S = S.to(state_pool.dtype)
 
-    # The first real row (argmax returns the first maximum), or row 0 if there is none. A 1-element index tensor,
-    # not a 0-dim one: indexing with a 0-dim tensor converts it to a Python int (a host read).
+    # A real row if there is one (argmax: a row holding the maximum; any real row would do), else a padding row,
+    # whose slot is 0. A 1-element index, not a 0-dim one: indexing with a 0-dim tensor reads it on the host.
     first = valid.to(torch.int32).argmax(0, keepdim=True)
     rows = valid[:, None, None, None]
     fill = torch.where(rows[first], S[first], old[first])  # [1, H, K, V]
