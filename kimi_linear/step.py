@@ -51,7 +51,7 @@ class StepMetadata:
     # ---- device ---------------------------------------------------------------------------------------------------
     cu_seqlens: torch.Tensor  # [N + 1] int32: sequence n's tokens are [cu_seqlens[n], cu_seqlens[n + 1])
     seq_lens: torch.Tensor  # [N] int32: context + query tokens of each sequence
-    state_slots: torch.Tensor | None = None  # [N] int64: KDA / conv pool slot of each sequence
+    state_slots: torch.Tensor | None = None  # [N] int64: KDA / conv pool slot of each sequence (< 0: padding row)
     has_initial_state: torch.Tensor | None = None  # [N] bool: the slot holds the state after the context
     block_table: torch.Tensor | None = None  # [N, max_blocks] int32: MLA latent blocks of each sequence, in order
     slot_mapping: torch.Tensor | None = None  # [num_tokens] int64: flat latent row (block * size + offset) per token

@@ -22,6 +22,7 @@ import torch
 
 from kimi_linear.cache import CachePool, cache_spec
 from kimi_linear.engine.allocator import BlockAllocator, SlotAllocator
+from kimi_linear.engine.cuda_graphs import DecodeGraphs
 from kimi_linear.engine.request import Completion, Detokenizer, Request, RequestOutput, Status, TokenLogprob
 from kimi_linear.engine.scheduler import Prefill, Scheduler, SchedulerConfig, StepPlan
 from kimi_linear.sampling import RowState, SamplingParams, sample
@@ -44,6 +45,7 @@ class EngineConfig:
     num_blocks: int | None = None
     block_size: int = 64
     seed: int = 0  # randomness of requests without a seed
+    cuda_graphs: bool = True  # decode-only steps on CUDA replay CUDA graphs (one per batch-size bucket)
     poison_freed: bool = False  # fill freed slots and blocks with NaN (tests: nothing may read freed memory)
 
 
@@ -80,6 +82,10 @@ class LLMEngine:
         self.decode = decode
         self.eos_token_ids = frozenset(mc.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        self.decode_graphs = None
+        if self.config.cuda_graphs and self.device.type == "cuda":
+            self.decode_graphs = DecodeGraphs(model, self.pool, self.config.scheduler.max_num_seqs,
+                                              -(-self.max_model_len // self.config.block_size))
         self.stats = EngineStats()
         self._requests: dict[str, Request] = {}
         self._listeners: dict[str, Listener] = {}
@@ -244,13 +250,19 @@ class LLMEngine:
             for i, run in enumerate(runs):
                 ids.extend(run.seq.tokens[run.seq.computed:run.seq.computed + run.num_tokens])
                 snapshots.extend(Snapshot(i, length, slot) for length, slot in run.snapshots)
-            meta = StepMetadata.build(
-                [r.num_tokens for r in runs], [r.seq.computed for r in runs], device=self.device,
-                num_decodes=len(plan.decodes), state_slots=[r.seq.slot for r in runs],
-                block_tables=[r.seq.blocks for r in runs], block_size=self.config.block_size, snapshots=snapshots)
-            hidden = self.model.forward_step(torch.tensor(ids, device=self.device), meta, self.pool)
+            if plan.prefills or self.decode_graphs is None:
+                meta = StepMetadata.build(
+                    [r.num_tokens for r in runs], [r.seq.computed for r in runs], device=self.device,
+                    num_decodes=len(plan.decodes), state_slots=[r.seq.slot for r in runs],
+                    block_tables=[r.seq.blocks for r in runs], block_size=self.config.block_size,
+                    snapshots=snapshots)
+                hidden = self.model.forward_step(torch.tensor(ids, device=self.device), meta, self.pool)
+                ends = meta.cu_seqlens_host[1:]
+            else:  # decode only, on CUDA: a graph replay
+                hidden = self.decode_graphs.run(ids, [s.slot for s in plan.decodes], [s.blocks for s in plan.decodes],
+                                                [s.computed for s in plan.decodes])
+                ends = list(range(1, len(ids) + 1))
             self.stats.computed_tokens += len(ids)
-            ends = meta.cu_seqlens_host[1:]
             for i, run in enumerate(runs):
                 seq, start = run.seq, run.seq.computed
                 seq.computed += run.num_tokens

@@ -85,11 +85,14 @@ class KimiDeltaAttention(nn.Module):
         conv_pool, state_pool = cache.conv_state[self.layer_idx], cache.kda_state[self.layer_idx]
         # A new sequence starts from zeros by construction: a reused slot may hold anything (freed slots are NaN
         # in tests), so select, never multiply.
-        conv_init = torch.where(has_state[:, None, None], conv_pool[slots], 0)
+        # A padding row (slot < 0, CUDA-graph batches) has no state: the recurrent kernel neither reads nor writes
+        # it, and its conv scratch goes to the padding slot 0, which no sequence owns.
+        conv_slots = slots.clamp(min=0)
+        conv_init = torch.where(has_state[:, None, None], conv_pool[conv_slots], 0)
         (rows,), varlen = _rows((qkv,), meta.query_lens, meta.cu_seqlens)
         conv, conv_final = causal_conv1d(rows, self._conv_weight(), initial_state=conv_init, output_final_state=True,
                                          **varlen)
-        conv_pool.index_copy_(0, slots, conv_final)
+        conv_pool.index_copy_(0, conv_slots, conv_final)
         q, k, v = _split_heads(conv, H, K)
         d = meta.num_decodes
         outputs = []
