@@ -138,6 +138,8 @@ class HybridCache:
     def step(self, rows: list[int], counts: list[int]) -> StepMetadata:
         """Metadata for a step in which sequence ``rows[i]`` brings ``counts[i]`` new tokens (rows in step order,
         one-token continuations first), and the lengths advanced by it."""
+        if len(set(rows)) != len(rows) or any(not 0 <= b < self.batch_size for b in rows):
+            raise ValueError(f"rows must be distinct sequences in 0..{self.batch_size - 1}, got {rows}")
         over = [b for b, n in zip(rows, counts) if self.lengths[b] + n > self.max_length]
         if over:
             raise ValueError(f"cache holds {self.max_length} tokens per sequence; sequences {over} would exceed it")

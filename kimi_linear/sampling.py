@@ -40,9 +40,13 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # not included in the output text
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    min_tokens: int = 0  # EOS and stop tokens are held back until this many tokens were generated
+    min_tokens: int = 0  # EOS, stop tokens and stop strings are held back until this many tokens were generated
     logprobs: int | None = None  # return the sampled token's log-probability and this many top alternatives
     n: int = 1  # independent completions of the prompt
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # OpenAI's field takes one string or a list
+            self.stop = [self.stop]
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the first field out of range."""

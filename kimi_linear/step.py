@@ -156,6 +156,12 @@ class StepMetadata:
                 if len(table) * block_size < total:
                     raise ValueError(f"sequence {n} holds {total} tokens but its block table has only {len(table)} "
                                      f"blocks of {block_size}")
+                if any(b < 0 for b in table):
+                    raise ValueError(f"sequence {n}'s block table holds a negative block id: {list(table)}")
+            targets = [*state_slots, *(s.slot for s in snapshots)]
+            if any(s < 0 for s in targets) or len(set(targets)) != len(targets):
+                raise ValueError(f"state slots and snapshot slots must be distinct and >= 0 (one writer each), got "
+                                 f"slots {list(state_slots)} and snapshot slots {[s.slot for s in snapshots]}")
             host["state_slots"] = torch.tensor(list(state_slots), dtype=torch.int64)
             host["has_initial_state"] = torch.tensor([c > 0 for c in context_lens], dtype=torch.bool)
             width = max((len(t) for t in block_tables), default=0)
@@ -164,6 +170,8 @@ class StepMetadata:
                 table[n, :len(row)] = torch.tensor(list(row), dtype=torch.int32)
             host["block_table"] = table
             host["slot_mapping"] = _slot_mapping(table, query_lens, context_lens, block_size)
+            if host["slot_mapping"].unique().numel() != host["slot_mapping"].numel():
+                raise ValueError("two tokens of the step would write one latent row: block tables overlap")
         snapshots = tuple(snapshots)
         if snapshots:
             rows = _snapshot_rows(snapshots, query_lens, num_decodes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ class LLMEngine:
                                               -(-self.max_model_len // self.config.block_size))
         self.stats = EngineStats()
         self._requests: dict[str, Request] = {}
+        self._in_flight: set[str] = set()  # ids added and not yet finished (guarded: add_request may be concurrent)
+        self._in_flight_lock = threading.Lock()
         self._listeners: dict[str, Listener] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -126,6 +129,10 @@ class LLMEngine:
         params = params or SamplingParams()
         prompt = self._check_request(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
+        with self._in_flight_lock:
+            if request_id in self._in_flight:
+                raise RequestError(f"request id {request_id!r} is already in flight")
+            self._in_flight.add(request_id)
         request = Request(request_id, prompt, params, time.monotonic())
         self._inbox.put(("add", request, listener))
         return request_id
@@ -189,7 +196,7 @@ class LLMEngine:
                     self._listeners[item.request_id] = listener
                 self.stats.prompt_tokens += item.num_prompt
                 self.scheduler.add(self._new_sequence(item, 0))
-            elif (request := self._requests.get(item)) is not None:
+            elif (request := self._requests.get(item)) is not None and not request.aborted:
                 request.aborted = True
                 for seq in request.sequences:
                     seq.abort()
@@ -329,6 +336,8 @@ class LLMEngine:
             if out.finished:
                 self._requests.pop(out.request_id, None)
                 self._listeners.pop(out.request_id, None)
+                with self._in_flight_lock:
+                    self._in_flight.discard(out.request_id)
         return outputs
 
     # ---- conveniences ------------------------------------------------------------------------------------------------

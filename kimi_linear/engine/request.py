@@ -99,6 +99,7 @@ class Completion:
     admitted_at: int = -1  # admission order (the newest running sequence is preempted first)
     snapshot_at: int | None = None  # a branch point where the policy wants a snapshot
     _sent_tokens: int = 0  # output tokens already streamed
+    _stop_floor: int = 0  # stop strings match only from here (the text of the tokens before min_tokens)
     _final_sent: bool = False
 
     @property
@@ -130,7 +131,9 @@ class Completion:
             return
         if self.detokenizer is not None:
             self.text += self.detokenizer.add(token)
-            if p.stop and self._cut_stop_string(len(self.text)):
+            if n_out < p.min_tokens:  # stop strings wait for min_tokens too; a match must start after these
+                self._stop_floor = len(self.text)
+            elif p.stop and self._cut_stop_string():
                 return
         if n_out >= (p.max_tokens or max_len) or len(self.tokens) >= max_len:
             self._finish("length")
@@ -140,9 +143,9 @@ class Completion:
         if self.detokenizer is not None:
             self.text += self.detokenizer.flush()
 
-    def _cut_stop_string(self, end: int) -> bool:
+    def _cut_stop_string(self) -> bool:
         longest = max(len(s) for s in self.params.stop)
-        window_start = max(0, self.streamed - longest)
+        window_start = max(self._stop_floor, self.streamed - longest)
         hits = [(i, s) for s in self.params.stop if (i := self.text.find(s, window_start)) >= 0]
         if not hits:
             return False

@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kimi_linear.engine.allocator import BlockAllocator, SlotAllocator
-from kimi_linear.engine.prefix_cache import Entry, PrefixCache
+from kimi_linear.engine.prefix_cache import Entry, Match, PrefixCache
 from kimi_linear.engine.request import Completion, Status
 from kimi_linear.step import SNAPSHOT_ALIGN
 
@@ -130,36 +130,30 @@ class Scheduler:
             plan.prefills.append(Prefill(seq, n, self._snapshots(seq, n, pinned)))
 
     def _admit(self, plan: StepPlan, seq: Completion, budget: int, pinned: set[Entry]) -> int | None:
-        """Start the first waiting sequence; returns the tokens it takes this step, or None if it cannot start."""
+        """Start the first waiting sequence; returns the tokens it takes this step, or None if it cannot start.
+
+        With a prefix hit, the entry stays pinned while it is used. If the hit does not fit, the sequence waits for
+        running sequences to free memory; when none runs, the hit itself is what does not fit (its entry holds the
+        last free slot, or the blocks its copy-on-write needs), so the sequence starts without it."""
         match = self.prefix_cache.match(seq.tokens) if self.prefix_cache is not None else None
+        if match is not None and match.entry is not None:
+            n = self._start(plan, seq, budget, pinned, match)
+            if n is not None or self.running:
+                return n
+            match = Match(None, match.matched, match.branch)
+        return self._start(plan, seq, budget, pinned, match)
+
+    def _start(self, plan: StepPlan, seq: Completion, budget: int, pinned: set[Entry],
+               match: Match | None) -> int | None:
         entry = match.entry if match is not None else None
+        newly_pinned = entry is not None and entry not in pinned
         if entry is not None:
             pinned.add(entry)
-        slot = self._take_slot(pinned)
-        if slot is None:
+        n = self._take_resources(seq, budget, pinned, entry)
+        if n is None:
+            if newly_pinned:
+                pinned.discard(entry)
             return None
-        seq.slot, seq.blocks, seq.computed = slot, [], 0
-        copies: list[tuple[int, int]] = []
-        if entry is not None:
-            full = entry.depth // self.block_size
-            seq.blocks = list(entry.blocks[:full])
-            self.blocks.share(seq.blocks)
-            seq.computed = entry.depth
-            if entry.depth % self.block_size:  # the sequence writes into this block: its own copy
-                tail = self._take_blocks(1, pinned)
-                if tail is None:
-                    self._undo(seq)
-                    return None
-                copies.append((entry.blocks[full], tail[0]))
-                seq.blocks.append(tail[0])
-        remaining = len(seq.tokens) - seq.computed
-        n = 0
-        if remaining:
-            seq.grid_origin = seq.computed
-            n = self._piece(seq, budget)
-            if n == 0 or not self._reserve_blocks(seq, seq.computed + n, pinned):
-                self._undo(seq)
-                return None
         self.waiting.popleft()
         seq.status = Status.RUNNING
         seq.admitted_at = self._admissions
@@ -171,13 +165,42 @@ class Scheduler:
             self.prefix_cache.record(match, len(seq.tokens))
         seq.snapshot_at = match.branch if match is not None else None
         if entry is not None:
-            plan.slot_copies.append((entry.slot, slot))
-            plan.block_copies.extend(copies)
-        if remaining:
+            plan.slot_copies.append((entry.slot, seq.slot))
+            tail = entry.depth // self.block_size
+            if entry.depth % self.block_size:  # the sequence writes into this block: its own copy
+                plan.block_copies.append((entry.blocks[tail], seq.blocks[tail]))
+        if seq.computed < len(seq.tokens):
             self._plan_run(plan, seq, n, pinned)
         else:
             seq.ready_hidden = entry.hidden
             plan.ready.append(seq)
+        return n
+
+    def _take_resources(self, seq: Completion, budget: int, pinned: set[Entry], entry: Entry | None) -> int | None:
+        """A slot, the entry's shared blocks (and a private copy of its partial last block), and blocks for the first
+        piece; returns the piece's length (0: a full hit), or None, having given everything back."""
+        slot = self._take_slot(pinned)
+        if slot is None:
+            return None
+        seq.slot, seq.blocks, seq.computed = slot, [], 0
+        if entry is not None:
+            full = entry.depth // self.block_size
+            seq.blocks = list(entry.blocks[:full])
+            self.blocks.share(seq.blocks)
+            seq.computed = entry.depth
+            if entry.depth % self.block_size:
+                tail = self._take_blocks(1, pinned)
+                if tail is None:
+                    self._undo(seq)
+                    return None
+                seq.blocks.append(tail[0])
+        if seq.computed == len(seq.tokens):
+            return 0
+        seq.grid_origin = seq.computed
+        n = self._piece(seq, budget)
+        if n == 0 or not self._reserve_blocks(seq, seq.computed + n, pinned):
+            self._undo(seq)
+            return None
         return n
 
     # ---- pieces and snapshots ----------------------------------------------------------------------------------------
