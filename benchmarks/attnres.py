@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, environment, markdown_table, median_seconds, write_results  # noqa: E402
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from kimi_linear.train.metrics import read_metrics  # noqa: E402
 from kimi_linear.train.trainer import TrainConfig, Trainer  # noqa: E402
@@ -97,20 +97,6 @@ def scaled_54_sublayers(attn_res: int | None, hidden: int, experts: int) -> Kimi
         attn_res_block_size=attn_res)
 
 
-def timed(fn, repeat: int) -> float:
-    """Median seconds of ``fn`` (synchronised on CUDA)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    fn()
-    times = []
-    for _ in range(repeat):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def cost(args: argparse.Namespace) -> None:
     from kimi_linear.engine import EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 
@@ -128,7 +114,8 @@ def cost(args: argparse.Namespace) -> None:
             model(x, labels=x).loss.backward()
             model.zero_grad(set_to_none=True)
 
-        rows.append({"case": "train step", "attn_res": attn_res, "ms": 1e3 * timed(step, args.repeat if cuda else 1)})
+        seconds = median_seconds(step, iters=args.repeat if cuda else 1)
+        rows.append({"case": "train step", "attn_res": attn_res, "ms": 1e3 * seconds})
         del model
     for preset in ("kimi-linear-48b-a3b", "kimi-linear-48b-a3b-attnres"):  # decode and prefill through the engine
         config = KimiLinearConfig.from_preset(preset) if cuda else KimiLinearConfig.from_preset(
@@ -154,8 +141,8 @@ def cost(args: argparse.Namespace) -> None:
         ids = torch.randint(0, 256, (1, 32768 if cuda else 128), device=args.device)
         with torch.no_grad():
             rows.append({"case": f"prefill {ids.shape[1]}", "attn_res": preset.endswith("attnres"),
-                         "ms": 1e3 * timed(lambda model=model, ids=ids: model(ids, num_logits_to_keep=1),
-                                           args.repeat if cuda else 1)})
+                         "ms": 1e3 * median_seconds(lambda model=model, ids=ids: model(ids, num_logits_to_keep=1),
+                                                    iters=args.repeat if cuda else 1)})
         del model
     table = markdown_table(rows, ["case", "attn_res", "ms"])
     print(table)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,3 +73,32 @@ def write_results(name: str, meta: dict, rows: list[dict], table: str, results_d
     (results_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
     (results_dir / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{table}\n")
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """Capture one call of fn (after warm-up calls on a side stream) and return its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def median_seconds(fn: Callable[[], object], warmup: int = 1, iters: int = 5) -> float:
+    """Median wall time of ``fn`` after ``warmup`` calls, synchronising CUDA around each call."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

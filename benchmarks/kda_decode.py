@@ -29,7 +29,7 @@ from triton.testing import do_bench
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import fla_version
+from benchmarks.common import fla_version, graphed
 from kimi_linear.ops.kda import KDAOptions, fused_recurrent_kda
 from kimi_linear.ops.kda.triton_recurrent import fused_recurrent_kda_triton
 
@@ -55,20 +55,6 @@ def eager_us(fn: Callable[[], object], n: int = 200) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / n
-
-
-def graphed(fn: Callable[[], object]) -> Callable[[], None]:
-    """Capture one call of fn (after warm-up calls on a side stream) and return its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def copy_bandwidth_tbps(n_bytes: int = 1 << 30) -> float:

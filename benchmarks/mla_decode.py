@@ -28,7 +28,7 @@ if not torch.cuda.is_available():  # before any kernel module is imported: trito
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import copy_bandwidth_tbps, environment, markdown_table, write_results
+from benchmarks.common import copy_bandwidth_tbps, environment, graphed, markdown_table, write_results
 from kimi_linear.ops.mla_decode import paged_mla_decode_torch
 from kimi_linear.ops.triton_mla_decode import default_num_splits, paged_mla_decode_triton
 
@@ -59,20 +59,6 @@ def median_us(fn: Callable[[], object]) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-
-
-def graphed(fn: Callable[[], object]) -> Callable[[], None]:
-    """Capture one call of fn (after warm-up calls on a side stream) and return its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

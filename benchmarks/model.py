@@ -7,14 +7,13 @@ Shapes: the released layer shapes (hidden 2304, KDA 32 heads x 128, MLA as relea
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, markdown_table, write_results  # noqa: E402
+from benchmarks.common import environment, markdown_table, median_seconds, write_results  # noqa: E402
 from kimi_linear import HybridCache, KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from kimi_linear.ops.backend import use_backend  # noqa: E402
 
@@ -27,20 +26,6 @@ def bench_config() -> KimiLinearConfig:
         linear_attn_config={"kda_layers": [1, 2, 3], "full_attn_layers": [4], "num_heads": 32, "head_dim": 128,
                             "short_conv_kernel_size": 4},
     )
-
-
-def timed(fn, warmup: int = 2, iters: int = 5) -> float:
-    """Median wall time in ms of ``fn`` (synchronised)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -57,7 +42,7 @@ def main() -> None:
 
             try:
                 with use_backend(backend):
-                    row[f"{backend} ms"] = timed(step, iters=3)
+                    row[f"{backend} ms"] = 1e3 * median_seconds(step, warmup=2, iters=3)
             except torch.OutOfMemoryError:  # the PyTorch chunkwise KDA materialises per-chunk decay tensors
                 torch.cuda.empty_cache()
                 row[f"{backend} ms"] = float("nan")
@@ -77,7 +62,7 @@ def main() -> None:
                     model(token, cache=cache, num_logits_to_keep=1)
                     cache.length -= 1  # keep the context length fixed across repetitions
 
-                row[f"{backend} ms"] = timed(decode, warmup=3, iters=20)
+                row[f"{backend} ms"] = 1e3 * median_seconds(decode, warmup=3, iters=20)
         row["speedup"] = row["torch ms"] / row["triton ms"]
         rows.append(row)
     table = markdown_table(rows, ["case", "torch ms", "triton ms", "speedup"])

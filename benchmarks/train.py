@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, environment, markdown_table, median_seconds, write_results  # noqa: E402
 from kimi_linear.ops.backend import set_backend  # noqa: E402
 from kimi_linear.train.checkpointing import save_model  # noqa: E402
 from kimi_linear.train.distributed import apply_fsdp, clip_grad_norm, uses_fsdp  # noqa: E402
@@ -40,30 +39,11 @@ from kimi_linear.train.trainer import TrainConfig, Trainer  # noqa: E402
 COLUMNS = ["impl", "gpus", "batch", "seq_len", "step ms", "tokens/s", "MFU %", "peak GiB"]
 
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def release_memory() -> None:
     """Free cached blocks and restart the peak-memory counter (between rows)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-def timed_steps(step, warmup: int, iters: int) -> float:
-    """Median seconds per call of ``step`` after ``warmup`` calls (Triton autotuning happens there)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        synchronize()
-        start = time.perf_counter()
-        step()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def make_trainer(args, run_dir: str, batch: int, expert_parallel: bool = False) -> Trainer:
@@ -87,7 +67,7 @@ def bench_ours(args, backend: str, batch: int, run_dir: str) -> tuple[dict, Trai
     set_backend(backend)
     release_memory()
     trainer = make_trainer(args, run_dir, batch)
-    seconds = timed_steps(trainer.train_step, args.warmup, args.iters)
+    seconds = median_seconds(trainer.train_step, args.warmup, args.iters)
     return row(f"ours ({backend} KDA)", trainer, 1, batch, seconds), trainer
 
 
@@ -112,7 +92,7 @@ def bench_transformers(args, trainer: Trainer, batch: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed_steps(step, args.warmup, args.iters)
+    seconds = median_seconds(step, args.warmup, args.iters)
     return row(f"transformers {transformers.__version__}", trainer, 1, batch, seconds)
 
 
@@ -145,7 +125,7 @@ def distributed(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as run_dir:
         world = int(os.environ["WORLD_SIZE"])
         trainer = make_trainer(args, run_dir, args.batch_size * world, expert_parallel=True)
-        seconds = timed_steps(trainer.train_step, args.warmup, args.iters)
+        seconds = median_seconds(trainer.train_step, args.warmup, args.iters)
         result = row(f"ours FSDP2 + EP ({backend} KDA)", trainer, world, args.batch_size * world, seconds)
     if args.baseline and os.path.exists(args.baseline):
         base = json.loads(Path(args.baseline).read_text())["rows"][0]

@@ -24,13 +24,13 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 
 from kimi_linear.chat import ChatFormatError, ChatTemplateError, render_chat
 from kimi_linear.engine import RequestOutput
 from kimi_linear.server.context import ServerContext
-from kimi_linear.server.protocol import ApiError, ChatCompletionRequest, chat_logprobs, parse_request, sse, usage
-from kimi_linear.server.streams import EngineStreams, start_or_raise, unless_client_gone
+from kimi_linear.server.protocol import ApiError, ChatCompletionRequest, chat_logprobs, parse_request, usage
+from kimi_linear.server.streams import EngineStreams, event_stream, respond, start_or_raise
 from kimi_linear.tool_calls import ToolCallParser, ToolChoicePlan, plan_tool_choice
 
 log = logging.getLogger(__name__)
@@ -156,32 +156,26 @@ class _ChatCompletion:
         return {**self._base("chat.completion"), "choices": choices, "usage": self.usage()}
 
     def _chunk(self, index: int, delta: dict[str, Any], logprobs: list[dict[str, Any]] | None = None,
-               finish_reason: str | None = None) -> str:
+               finish_reason: str | None = None) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "logprobs": {"content": logprobs} if logprobs is not None else None,
                   "finish_reason": finish_reason}
-        return sse({**self._base("chat.completion.chunk"), "choices": [choice]})
+        return {**self._base("chat.completion.chunk"), "choices": [choice]}
 
-    async def stream(self) -> AsyncIterator[str]:
-        try:
-            for c in self.choices:
-                yield self._chunk(c.index, {"role": "assistant", "content": ""})
-            async for choice, deltas, lp, finish_reason in self.outputs():
-                if not deltas and lp:
-                    deltas = [{}]
-                for k, delta in enumerate(deltas):
-                    yield self._chunk(choice.index, delta, lp if k == 0 else None)
-                if finish_reason is not None:
-                    yield self._chunk(choice.index, {}, None, finish_reason)
-            if self.req.include_usage:
-                yield sse({**self._base("chat.completion.chunk"), "choices": [], "usage": self.usage()})
-        except ApiError as e:  # the status line is sent: the error goes in the stream
-            yield sse(e.body())
-        except Exception as e:  # a bug: logged with its traceback, reported in the stream
-            log.exception("stream failed")
-            yield sse(ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
-        finally:
-            self.streams.close()
-        yield sse("[DONE]")
+    def stream(self) -> AsyncIterator[str]:
+        return event_stream(self._events(), self.streams.close)
+
+    async def _events(self) -> AsyncIterator[dict[str, Any]]:
+        for c in self.choices:
+            yield self._chunk(c.index, {"role": "assistant", "content": ""})
+        async for choice, deltas, lp, finish_reason in self.outputs():
+            if not deltas and lp:
+                deltas = [{}]
+            for k, delta in enumerate(deltas):
+                yield self._chunk(choice.index, delta, lp if k == 0 else None)
+            if finish_reason is not None:
+                yield self._chunk(choice.index, {}, None, finish_reason)
+        if self.req.include_usage:
+            yield {**self._base("chat.completion.chunk"), "choices": [], "usage": self.usage()}
 
 
 def _render(ctx: ServerContext, req: ChatCompletionRequest) -> tuple[ToolChoicePlan, list[int], list[int]]:
@@ -211,9 +205,4 @@ async def create_chat_completion(ctx: ServerContext, request: Request, body: dic
     streams = EngineStreams(ctx.runner, ctx.metrics, "chatcmpl")
     await start_or_raise(request, streams, [prompt], params, "messages")
     completion = _ChatCompletion(ctx, req, plan, prefill, streams, params.stop)
-    if req.stream:
-        return StreamingResponse(completion.stream(), media_type="text/event-stream")
-    try:
-        return JSONResponse(await unless_client_gone(request, completion.collect()))
-    finally:
-        streams.close()
+    return await respond(request, completion, streams, req.stream)

@@ -6,13 +6,12 @@ i]``, as in OpenAI's API. Text comes from the engine (incremental detokenisation
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 
 from kimi_linear.engine import RequestOutput
 from kimi_linear.server.context import ServerContext
@@ -22,12 +21,9 @@ from kimi_linear.server.protocol import (
     CompletionRequest,
     merge_completion_logprobs,
     parse_request,
-    sse,
     usage,
 )
-from kimi_linear.server.streams import EngineStreams, start_or_raise, unless_client_gone
-
-log = logging.getLogger(__name__)
+from kimi_linear.server.streams import EngineStreams, event_stream, respond, start_or_raise
 
 
 class _Choice:
@@ -89,22 +85,16 @@ class _Completion:
                     "finish_reason": c.finish_reason} for c in self.choices]
         return {**self._base(), "choices": choices, "usage": self.usage()}
 
-    async def stream(self) -> AsyncIterator[str]:
-        try:
-            async for choice, text, lp in self.pieces():
-                if text or lp or choice.finish_reason:
-                    yield sse({**self._base(), "choices": [{"index": choice.index, "text": text, "logprobs": lp,
-                                                            "finish_reason": choice.finish_reason}]})
-            if self.req.include_usage:
-                yield sse({**self._base(), "choices": [], "usage": self.usage()})
-        except ApiError as e:  # the status line is sent: the error goes in the stream
-            yield sse(e.body())
-        except Exception as e:  # a bug: logged with its traceback, reported in the stream
-            log.exception("stream failed")
-            yield sse(ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
-        finally:
-            self.streams.close()
-        yield sse("[DONE]")
+    def stream(self) -> AsyncIterator[str]:
+        return event_stream(self._events(), self.streams.close)
+
+    async def _events(self) -> AsyncIterator[dict[str, Any]]:
+        async for choice, text, lp in self.pieces():
+            if text or lp or choice.finish_reason:
+                yield {**self._base(), "choices": [{"index": choice.index, "text": text, "logprobs": lp,
+                                                    "finish_reason": choice.finish_reason}]}
+        if self.req.include_usage:
+            yield {**self._base(), "choices": [], "usage": self.usage()}
 
 
 async def create_completion(ctx: ServerContext, request: Request, body: dict[str, Any]) -> Response:
@@ -114,9 +104,4 @@ async def create_completion(ctx: ServerContext, request: Request, body: dict[str
     streams = EngineStreams(ctx.runner, ctx.metrics, "cmpl")
     await start_or_raise(request, streams, [ids for ids, _ in prompts], req.to_sampling_params(), "prompt")
     completion = _Completion(ctx, req, prompts, streams)
-    if req.stream:
-        return StreamingResponse(completion.stream(), media_type="text/event-stream")
-    try:
-        return JSONResponse(await unless_client_gone(request, completion.collect()))
-    finally:
-        streams.close()
+    return await respond(request, completion, streams, req.stream)

@@ -20,18 +20,37 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
-from collections.abc import Awaitable, Sequence
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kimi_linear.engine import RequestError, RequestOutput, SamplingParams
 from kimi_linear.engine.async_engine import AsyncEngine
 from kimi_linear.server.metrics import ServerMetrics
-from kimi_linear.server.protocol import ApiError, param_of
+from kimi_linear.server.protocol import ApiError, param_of, sse
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+async def event_stream(events: AsyncIterator[dict[str, Any]], close: Callable[[], None]) -> AsyncIterator[str]:
+    """``events`` as server-sent events, then ``data: [DONE]``. The status line is sent by then, so an error goes into
+    the stream as OpenAI's error body (a bug also to the log, with its traceback); ``close`` runs in every case."""
+    try:
+        async for event in events:
+            yield sse(event)
+    except ApiError as e:
+        yield sse(e.body())
+    except Exception as e:
+        log.exception("stream failed")
+        yield sse(ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
+    finally:
+        close()
+    yield sse("[DONE]")
 
 
 class ClientGone(Exception):
@@ -168,3 +187,14 @@ async def unless_client_gone(request: Request, work: Awaitable[T]) -> T:
     if task.done() and not task.cancelled():
         return task.result()
     raise ClientGone
+
+
+async def respond(request: Request, completion: Any, streams: EngineStreams, stream: bool) -> Response:
+    """The HTTP response of a (chat) completion: its events as a stream, or its whole body once done (the engine
+    requests are let go when the client leaves first, and in any case when the body is complete)."""
+    if stream:
+        return StreamingResponse(completion.stream(), media_type="text/event-stream")
+    try:
+        return JSONResponse(await unless_client_gone(request, completion.collect()))
+    finally:
+        streams.close()
