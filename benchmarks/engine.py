@@ -11,6 +11,7 @@ Run: ``python benchmarks/engine.py`` (writes benchmarks/results/engine.{json,md}
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -145,7 +146,8 @@ def main() -> None:
              + f"\n\n## Multi-turn chat ({args.system_tokens}-token system prompt, 48-token messages)\n\n"
              + markdown_table(chat, cols_chat))
     print(table)
-    meta = {**environment(), "preset": args.preset, "dtype": args.dtype, "threads": torch.get_num_threads()}
+    meta = {**environment(), "preset": args.preset, "dtype": args.dtype, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "note": "random weights; on a shared machine, times vary with its load"}
     write_results(args.out, meta, [*({"part": "concurrency", **r} for r in sweep),
                                    *({"part": "multi-turn", **r} for r in chat)], table)
 

@@ -191,7 +191,8 @@ def _prefill(x: dict, lower_bound: float | None) -> None:
 def profile(shapes, results_dir: str | Path | None) -> list[dict]:
     """Device time of each kernel in one forward+backward of ours and in one forward without autograd (prefill),
     bounded and released gates, from torch.profiler; written to ``kda_kernels.json`` / ``.md``. Kernels that
-    overlap (the pipelined prefill of one sequence) sum to more than the step takes: kda.md has the step times."""
+    overlap (the pipelined prefill of one sequence) sum to more than the step takes: kda.md (written by
+    :func:`run`) has the step times."""
     rows = []
     for B, T in shapes:
         for gate, lower_bound in (("bounded", -5.0), ("released", None)):

@@ -5,8 +5,9 @@ head shape (H = 32, K = V = 128), with the fp32 state bandwidth next to the devi
 
 ``run(results_dir)`` is the entry point for other benchmark drivers: it times the table and returns its rows.
 ``--sweep`` also times every (BV, num_warps) launch configuration (how the kernel's defaults were chosen);
-``--conv-norm`` times the Triton short conv and norms against the PyTorch versions at model size (eager: the
-PyTorch conv syncs with the host, so it has no graph time).
+``--conv-norm`` times the Triton short conv and norms against the PyTorch versions at model size (eager, and
+replayed from a CUDA graph where the call can be captured; kda_decode_conv_norm.md was measured while the PyTorch
+conv still synchronised with the host, which it no longer does).
 Each state row is read once and written once per step: bytes = 2 * N * H * K * V * 4. Modes: ``eager`` is the
 time per call of back-to-back Python calls (host overhead included; at small N the 4 MiB-per-sequence state then
 stays in L2); ``graph`` replays one captured step with the L2 cache flushed before each replay (median).

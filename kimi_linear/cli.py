@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="plot the loss and throughput curves of a training run")
     train_cli.add_plot_arguments(plot)
     plot.set_defaults(func=train_cli.run_plot)
+    from kimi_linear.server import cli as server_cli
+
+    server_cli.register(sub)  # serve, chat
     return parser
 
 

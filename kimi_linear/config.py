@@ -6,6 +6,8 @@ Design choices:
 - ``linear_attn_config`` stays the nested dict of the file, with its 1-indexed layer lists; the 0-indexed
   view the code uses is derived (``layer_types``) rather than stored twice.
 - Presets are plain dicts in the file format, so a preset *is* a valid ``config.json``.
+- Fields that the released file lacks (``OPTIONAL_FIELDS``: our own switch, AttnRes) are written only when they
+  differ from their default, so that file still round-trips exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ACTIVATIONS = ("silu",)
+# Fields the released config.json does not have (our switch, and newer Kimi configs' AttnRes): to_dict writes them
+# only when they differ from their defaults, so older files round-trip unchanged.
+OPTIONAL_FIELDS = ("moe_weights_from_biased_scores", "attn_res_block_size")
 ROUTER_ACTIVATIONS = ("sigmoid",)
 
 
@@ -58,6 +63,10 @@ class KimiLinearConfig:
     num_expert_group: int = 1
     topk_group: int = 1
     moe_renormalize: bool = True
+    # Our switch, not in the released config.json: route with the weights of the model's remote code, gathered from
+    # sigmoid scores + correction bias, instead of the unbiased scores of vLLM, SGLang and transformers (the
+    # default; see architecture.md, MoE, and kimi_linear.ops.moe.route).
+    moe_weights_from_biased_scores: bool = False
     num_nextn_predict_layers: int = 0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
@@ -70,6 +79,8 @@ class KimiLinearConfig:
     model_type: str = "kimi_linear"
     architectures: list[str] = field(default_factory=lambda: ["KimiLinearForCausalLM"])
     dtype: str = "bfloat16"
+    # Block Attention Residuals (attnres.md): sublayers per block; None = the standard residual, 1 = Full AttnRes.
+    attn_res_block_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -144,6 +155,12 @@ class KimiLinearConfig:
             )
         if not self.mla_use_nope:
             raise ValueError("mla_use_nope must be true: Kimi Linear has no positional encoding")
+        block = self.attn_res_block_size
+        if block is not None and (not isinstance(block, int) or block <= 0):
+            raise ValueError(f"attn_res_block_size must be a positive integer or null, got {block!r}")
+        if not isinstance(self.moe_weights_from_biased_scores, bool):
+            raise ValueError(f"moe_weights_from_biased_scores must be true or false, got "
+                             f"{self.moe_weights_from_biased_scores!r}")
         if self.moe_layer_freq <= 0:
             raise ValueError(f"moe_layer_freq must be a positive integer, got {self.moe_layer_freq}")
         self._validate_linear_attn_config()
@@ -204,7 +221,9 @@ class KimiLinearConfig:
             raise ValueError(f"invalid config: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+        fields = [f for f in dataclasses.fields(self) if f.name != "extra"]
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields
+                if f.name not in OPTIONAL_FIELDS or getattr(self, f.name) != f.default}
         data.update(copy.deepcopy(self.extra))
         return data
 
@@ -333,6 +352,9 @@ def _small(hidden: int, layers: int, mla_every: int, heads: int, head_dim: int, 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "kimi-linear-48b-a3b": KIMI_LINEAR_48B_A3B,
+    # The released shape with Block Attention Residuals as the paper trains it: 54 sublayers in blocks of 6 (three
+    # decoder layers), 9 blocks + the embedding = 10 sources.
+    "kimi-linear-48b-a3b-attnres": {**KIMI_LINEAR_48B_A3B, "attn_res_block_size": 6},
     # CPU-trainable hybrid: 3 KDA + 1 MLA layer, MoE with a shared expert; 6.7M parameters. Head size 32: the
     # chunkwise KDA on CPU runs about twice as fast as with 64 (the built-in training job's 10-minute budget).
     "tiny": _small(hidden=256, layers=4, mla_every=4, heads=4, head_dim=32, experts=8, top_k=2, moe_inter=256,

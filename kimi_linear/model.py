@@ -18,6 +18,7 @@ from kimi_linear.cache import CachePool, HybridCache
 from kimi_linear.checkpoint import load_pretrained, save_pretrained
 from kimi_linear.config import KimiLinearConfig
 from kimi_linear.generation import generate
+from kimi_linear.layers.attn_res import DepthRead, DepthState, Residual, SublayerReads
 from kimi_linear.layers.kda import KimiDeltaAttention
 from kimi_linear.layers.mla import MultiHeadLatentAttention
 from kimi_linear.layers.moe import MLP, MoE
@@ -33,7 +34,10 @@ class CausalLMOutput:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``h = x + Attn(norm(x)); out = h + FFN(norm(h))``, over a step's flat tokens ``[T, D]``."""
+    """Two pre-norm sublayers over a step's flat tokens ``[T, D]``: ``Attn(norm(x))`` then ``FFN(norm(x))``, each
+    reading its input from the residual stream and adding its output to it. The standard stream reads the running
+    sum (``h = x + Attn(norm(x)); out = h + FFN(norm(h))``); Block AttnRes reads a softmax mix over depth
+    (:mod:`kimi_linear.layers.attn_res`)."""
 
     def __init__(self, config: KimiLinearConfig, layer_idx: int) -> None:
         super().__init__()
@@ -48,36 +52,58 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_res = (SublayerReads(config.hidden_size, config.rms_norm_eps)
+                         if config.attn_res_block_size else None)
 
-    def forward(self, x: torch.Tensor, meta: StepMetadata, cache: CachePool | None,
-                balance_rows: tuple[int, int] | None = None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), meta, cache)
-        normed = self.post_attention_layernorm(h)
-        ffn = self.block_sparse_moe(normed, balance_rows) if self.is_moe else self.mlp(normed)
-        return h + ffn
+    def forward(self, stream: Residual | DepthState, meta: StepMetadata, cache: CachePool | None,
+                balance_rows: tuple[int, int] | None = None) -> Residual | DepthState:
+        reads = self.attn_res
+        x = self.input_layernorm(stream.read(reads and reads.attn))
+        stream = stream.add(self.self_attn(x, meta, cache))
+        x = self.post_attention_layernorm(stream.read(reads and reads.ffn))
+        return stream.add(self.block_sparse_moe(x, balance_rows) if self.is_moe else self.mlp(x))
 
 
 class KimiLinearModel(nn.Module):
-    """Embeddings, the decoder loop over the residual stream, and the final norm."""
+    """Embeddings, the decoder loop over the residual stream, and the final norm (after AttnRes's final read)."""
 
     def __init__(self, config: KimiLinearConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_res_block_size = config.attn_res_block_size
+        self.attn_res_final = DepthRead(config.hidden_size, config.rms_norm_eps) if self.attn_res_block_size else None
         self.activation_checkpointing = False
+        # Two-phase AttnRes reads need every query of a block at its start: inference only, and not when the layers
+        # are sharded (the parallel wrappers turn it off).
+        self.attn_res_two_phase = True
 
     def forward(self, input_ids: torch.Tensor, meta: StepMetadata, cache: CachePool | None = None, *,
                 balance_rows: tuple[int, int] | None = None) -> torch.Tensor:
         """One step: input_ids ``[num_tokens]`` int64 laid out as ``meta`` says → final-normed hidden states
         ``[num_tokens, D]``. Reads no device value on the host (ids and metadata were checked by their producer)."""
-        h = self.embed_tokens(input_ids)
+        stream = self._stream(self.embed_tokens(input_ids))
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, meta, cache, balance_rows, use_reentrant=False)
+                stream = checkpoint(layer, stream, meta, cache, balance_rows, use_reentrant=False)
             else:
-                h = layer(h, meta, cache, balance_rows)
-        return self.norm(h)
+                stream = layer(stream, meta, cache, balance_rows)
+        return self.norm(stream.read(self.attn_res_final))
+
+    def _stream(self, embedding: torch.Tensor) -> Residual | DepthState:
+        if not self.attn_res_block_size:
+            return Residual(embedding)
+        two_phase = self.attn_res_two_phase and not torch.is_grad_enabled()
+        return DepthState.start(embedding, self.attn_res_block_size, self._block_reads if two_phase else None)
+
+    def _block_reads(self, block: int) -> list[DepthRead]:
+        """The reads of AttnRes block ``block`` (1-based, after the embedding), in order; the final read closes the
+        last block."""
+        reads = [r for layer in self.layers for r in (layer.attn_res.attn, layer.attn_res.ffn)]
+        reads.append(self.attn_res_final)
+        S = self.attn_res_block_size
+        return reads[(block - 1) * S:block * S]
 
 
 class KimiLinearForCausalLM(nn.Module):

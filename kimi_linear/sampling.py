@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_LOGPROBS = 20
+INT64_MAX = 2**63 - 1  # seeds and counts go into int64 tensors and torch.Generator
 
 
 @dataclass
@@ -49,21 +50,24 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
 
-        need(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "max_tokens",
-             "a positive integer")
+        need(self.max_tokens is None or (isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= INT64_MAX),
+             "max_tokens", "a positive integer")
         need(self.temperature >= 0, "temperature", ">= 0")
-        need(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "an integer >= -1 (0 or -1: off)")
+        need(isinstance(self.top_k, int) and -1 <= self.top_k <= INT64_MAX, "top_k",
+             "an integer >= -1 (0 or -1: off)")
         need(0 < self.top_p <= 1, "top_p", "in (0, 1]")
         need(0 <= self.min_p <= 1, "min_p", "in [0, 1]")
         need(-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]")
         need(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]")
         need(self.repetition_penalty > 0, "repetition_penalty", "> 0")
-        need(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "a non-negative integer")
+        need(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= INT64_MAX, "min_tokens",
+             "a non-negative integer")
         need(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "<= max_tokens")
         need(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
              "logprobs", f"an integer in [0, {MAX_LOGPROBS}]")
         need(isinstance(self.n, int) and self.n >= 1, "n", "a positive integer")
-        need(self.seed is None or isinstance(self.seed, int), "seed", "an integer")
+        need(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed <= INT64_MAX), "seed",
+             "a 64-bit integer")
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings")
         need(all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids), "stop_token_ids",
              f"token ids in [0, {vocab_size})")

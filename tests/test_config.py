@@ -13,6 +13,18 @@ def test_published_config_round_trips_exactly(tmp_path):
     assert json.loads((out / "config.json").read_text()) == KIMI_LINEAR_48B_A3B
 
 
+def test_own_switch_is_written_only_when_set(tmp_path):
+    """moe_weights_from_biased_scores is not in the released file: absent means the default (unbiased weights),
+    and it is written back only when set."""
+    assert "moe_weights_from_biased_scores" not in KimiLinearConfig.from_preset("test").to_dict()
+    config = KimiLinearConfig.from_preset("test", moe_weights_from_biased_scores=True)
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["moe_weights_from_biased_scores"] is True
+    assert KimiLinearConfig.from_pretrained(tmp_path).moe_weights_from_biased_scores is True
+    with pytest.raises(ValueError, match="moe_weights_from_biased_scores"):
+        KimiLinearConfig.from_preset("test", moe_weights_from_biased_scores="yes")
+
+
 def test_unknown_keys_are_preserved(tmp_path):
     data = {**PRESETS["test"], "attn_res_block_size": 4, "some_future_field": {"a": [1, 2]}}
     config = KimiLinearConfig.from_dict(data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sync_guard import no_host_reads
 
 from kimi_linear.ops.backend import use_backend
 from kimi_linear.ops.kda import fused_recurrent_kda
@@ -136,6 +137,67 @@ def test_backend_switch():
     with pytest.raises(ValueError, match="backend"), use_backend("cuda"):
         fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=pool, state_indices=slots,
                             options=opts)
+
+
+STEP_OPS = {"torch": fused_recurrent_kda, "triton": fused_recurrent_kda_triton}
+
+
+def torch_or_triton(name):
+    """The decode step of one backend (the dispatching op is forced onto its PyTorch path)."""
+    def step(*args, **kwargs):
+        with use_backend("torch" if name == "torch" else "auto"):
+            return STEP_OPS[name](*args, **kwargs)
+    return step
+
+
+@pytest.mark.parametrize("impl", list(STEP_OPS))
+@pytest.mark.parametrize("slots", [[-1, 0, -1, 2], [0, -1], [-1, -1, 0]], ids=["around", "after", "before"])
+def test_padding_rows_beside_a_row_on_slot_0(impl, slots):
+    """Padding rows read slot 0 and (PyTorch) write back the first real row's state: with a real row on slot 0,
+    that row's new state must win, wherever the padding rows sit."""
+    check_step(torch_or_triton(impl), len(slots), 2, 2, 16, 16, "softplus", torch.tensor(slots), P=4)
+
+
+@pytest.mark.parametrize("impl", list(STEP_OPS))
+@pytest.mark.parametrize("slots", [[3, -1, 5], [-1, -1]], ids=["mixed", "padding_only"])
+def test_free_slots_may_hold_nan(impl, slots):
+    """A pool that is NaN everywhere but in the slots in use (freed slots hold anything): outputs and the used
+    slots stay finite and equal to a run on a clean pool, padding rows output zeros, free slots keep their NaN."""
+    N, P = len(slots), 7
+    x, opts = make_inputs(N, 1, 2, 16, 16, "softplus")
+    slots = torch.tensor(slots, device=DEVICE)
+    used = torch.zeros(P, dtype=torch.bool, device=DEVICE)
+    used[slots[slots >= 0]] = True
+    clean = torch.randn(P, 2, 16, 16, device=DEVICE)
+    dirty = torch.where(used[:, None, None, None], clean, torch.full_like(clean, float("nan")))
+    step = torch_or_triton(impl)
+    o_clean = step(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=clean, state_indices=slots, options=opts)
+    o = step(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=dirty, state_indices=slots, options=opts)
+    assert torch.isfinite(o).all() and torch.equal(o, o_clean)
+    assert torch.all(o[slots < 0] == 0)
+    assert torch.equal(dirty[used], clean[used]) and dirty[~used].isnan().all()
+
+
+def test_torch_step_bf16_and_int32_slots():
+    """bf16 activations: the output comes back in bf16 and agrees with the kernel's. (The PyTorch path rounds the
+    normalised q and k to bf16, as its chunk path does; the kernel keeps them in fp32: the states differ by ~1e-3.)"""
+    x, opts = make_inputs(3, 2, 2, 16, 32, "softplus", torch.bfloat16)
+    slots = torch.tensor([2, -1, 0], dtype=torch.int32, device=DEVICE)
+    pool = torch.randn(4, 2, 16, 32, device=DEVICE)
+    outs = [step(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=p, state_indices=slots, options=opts)
+            for step, p in ((torch_or_triton("torch"), pool.clone()), (fused_recurrent_kda_triton, pool.clone()))]
+    assert outs[0].dtype == torch.bfloat16 and torch.all(outs[0][1] == 0)
+    assert rel_err(outs[0], outs[1]) < 1e-2
+
+
+def test_torch_step_reads_nothing_from_the_device():
+    """The PyTorch step, padding rows included, reads no tensor value on the host (graph-capturable on CUDA)."""
+    x, opts = make_inputs(4, 2, 2, 16, 16, "bounded")
+    pool = torch.randn(6, 2, 16, 16, device=DEVICE)
+    for slots in ([4, -1, 0, 2], [-1, -1, -1, -1]):
+        with use_backend("torch"), no_host_reads():
+            fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=pool,
+                                state_indices=torch.tensor(slots, device=DEVICE), options=opts)
 
 
 def test_triton_rejects_bad_inputs():

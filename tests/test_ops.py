@@ -3,9 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from sync_guard import no_host_reads
 
-from kimi_linear.ops.conv import causal_conv1d
-from kimi_linear.ops.moe import moe_experts, route, sequence_balance_loss
+from kimi_linear.ops.backend import use_backend
+from kimi_linear.ops.conv import causal_conv1d, conv_state_at
+from kimi_linear.ops.moe import _grouped_linear, _grouped_mm_applies, moe_experts, route, sequence_balance_loss
 from kimi_linear.ops.norm import gated_rms_norm, rms_norm
 
 f64 = torch.float64
@@ -43,6 +45,55 @@ def test_conv_varlen_matches_per_sequence_and_grads():
     assert torch.autograd.gradcheck(
         lambda x, s, w: causal_conv1d(x, w, initial_state=s, output_final_state=True, cu_seqlens=cu),
         (torch.cat(xs, 1).detach().requires_grad_(), states, w))
+
+
+def state_after(x_seq, state, length, W):
+    """The last W-1 pre-conv inputs after the first ``length`` tokens of one sequence: x_seq [T_n, D], state
+    [D, W-1] or None. Returns [D, W-1]."""
+    carried = state.t() if state is not None else x_seq.new_zeros(W - 1, x_seq.shape[1])
+    return torch.cat([carried, x_seq[:length]])[len(carried) + length - (W - 1):].t()
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("W", [4, 2])
+def test_conv_state_at_matches_per_sequence(with_state, W):
+    """Every prefix length of every sequence (0, 1, below W-1, W-1 and beyond, the full length), in any order and
+    with repeats, from [T, D] and [1, T, D] inputs."""
+    lengths, D = [5, 0, 1, 2, 9], 6
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    x = torch.randn(sum(lengths), D, dtype=f64)
+    state = torch.randn(len(lengths), D, W - 1, dtype=f64) if with_state else None
+    pairs = [(n, m) for n, L in enumerate(lengths) for m in range(L + 1)][::-1]
+    seq_index, upto = (torch.tensor(col) for col in zip(*pairs))
+    for xs in (x, x[None]):
+        got = conv_state_at(xs, state, cu, seq_index, upto, width=W)
+        assert got.shape == (len(pairs), D, W - 1)
+        for r, (n, m) in enumerate(pairs):
+            ref = state_after(x[cu[n]:cu[n + 1]], state[n] if with_state else None, m, W)
+            assert torch.equal(got[r], ref), (n, m)
+
+
+def test_conv_state_at_grads_and_bad_inputs():
+    cu, x = torch.tensor([0, 3, 7]), torch.randn(7, 5, dtype=f64, requires_grad=True)
+    state = torch.randn(2, 5, 3, dtype=f64, requires_grad=True)
+    seq_index, upto = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 4])
+    assert torch.autograd.gradcheck(lambda x, s: conv_state_at(x, s, cu, seq_index, upto, width=4), (x, state))
+    with pytest.raises(ValueError, match="initial_state"):
+        conv_state_at(x, state, cu, seq_index, upto, width=3)
+    with pytest.raises(ValueError, match="lengths"):
+        conv_state_at(x, state, cu, seq_index, upto[:2], width=4)
+    with pytest.raises(ValueError, match="x must be"):
+        conv_state_at(x[None, None], state, cu, seq_index, upto, width=4)
+
+
+def test_conv_reads_nothing_from_the_device():
+    """The PyTorch conv (packed, with state, final state) and conv_state_at read no tensor value on the host."""
+    cu = torch.tensor([0, 5, 5, 6, 14])
+    x, w, s = torch.randn(1, 14, 6), torch.randn(6, 4), torch.randn(4, 6, 3)
+    with use_backend("torch"), no_host_reads():
+        causal_conv1d(x, w, initial_state=s, output_final_state=True, cu_seqlens=cu)
+        causal_conv1d(x.view(14, 1, 6), w, initial_state=torch.randn(14, 6, 3), output_final_state=True)  # decode
+        conv_state_at(x, s, cu, torch.tensor([3, 0]), torch.tensor([8, 2]), width=4)
 
 
 def test_norms():
@@ -89,6 +140,43 @@ def test_experts_match_a_loop_over_tokens():
     assert torch.allclose(y, ref)
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def loop_linear(x, weight, counts):
+    """The grouped product expert by expert: rows of x sorted by expert, counts[e] of them for expert e."""
+    return torch.cat([x_e @ weight[e].t() for e, x_e in enumerate(x.split(counts.tolist()))])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_matches_the_loop(dtype):
+    """Without a gradient, aligned dims and a supported dtype take torch._grouped_mm (where torch has it), which
+    must agree with the loop over experts; anything else keeps the loop."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    counts = torch.tensor([3, 0, 5, 1, 0])
+    offsets = counts.cumsum(0).to(torch.int32)
+    x, weight = torch.randn(9, 16).to(dtype), torch.randn(5, 24, 16).to(dtype)
+    assert _grouped_mm_applies(x, weight)
+    y = _grouped_linear(x, weight, counts, offsets)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(y, loop_linear(x, weight, counts), rtol=tol, atol=tol)
+    assert not _grouped_mm_applies(x.requires_grad_(), weight)  # its CPU backward fails
+    assert not _grouped_mm_applies(torch.randn(9, 6).to(dtype), torch.randn(5, 24, 6).to(dtype))  # 6 x 4 bytes
+    assert not _grouped_mm_applies(x.double(), weight.double())
+
+
+@torch.no_grad()
+def test_inference_experts_read_nothing_from_the_device():
+    """The MoE inference path (grouped product) reads no tensor value on the host, and matches fp64."""
+    N, D, I, E, k = 20, 16, 8, 5, 2
+    x, gu, down = torch.randn(N, D), torch.randn(E, 2 * I, D), torch.randn(E, D, I)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
+    idx[:, 0] = 4  # expert 4 busy, some experts idle
+    w = torch.rand(N, k)
+    with no_host_reads():
+        y = moe_experts(x, gu, down, idx, w)
+    ref = moe_experts(x.double(), gu.double(), down.double(), idx, w.double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_balance_loss_is_one_for_uniform_routing():

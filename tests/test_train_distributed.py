@@ -78,6 +78,8 @@ def worker(rank: int, port: int, tmp: str, results: dict) -> None:
         muon = muon_run(distributed=True)
         ep = expert_parallel_check(rank)
         Trainer(config(Path(tmp), Path(tmp) / "corpus", name="dist", expert_parallel=True)).train()
+        Trainer(config(Path(tmp), Path(tmp) / "corpus", name="dist-attnres", expert_parallel=True,
+                       attn_res_block_size=3)).train()
         if rank == 0:
             results.update(muon=muon, ep=ep)
         else:
@@ -126,14 +128,16 @@ def test_expert_parallel_matches_local_experts(distributed_results):
         assert max(results[key].values()) < 1e-4, results[key]  # fp32 summation order only
 
 
-def test_fsdp2_expert_parallel_training_matches_single_process(distributed_results, tmp_path):
+@pytest.mark.parametrize("run, attn_res", [("dist", None), ("dist-attnres", 3)])
+def test_fsdp2_expert_parallel_training_matches_single_process(distributed_results, tmp_path, run, attn_res):
+    """Also with Block AttnRes, whose residual stream the layers hand on through FSDP2's hooks."""
     tmp, _ = distributed_results
-    single = config(tmp_path, tmp / "corpus", name="single")
+    single = config(tmp_path, tmp / "corpus", name="single", attn_res_block_size=attn_res)
     Trainer(single).train()
-    dist_losses, single_losses = train_losses(tmp / "runs" / "dist"), train_losses(single.run_dir)
+    dist_losses, single_losses = train_losses(tmp / "runs" / run), train_losses(single.run_dir)
     assert len(dist_losses) == len(single_losses) == 6
     torch.testing.assert_close(torch.tensor(dist_losses), torch.tensor(single_losses), rtol=2e-3, atol=0)
-    a = KimiLinearForCausalLM.from_pretrained(tmp / "runs" / "dist").state_dict()
+    a = KimiLinearForCausalLM.from_pretrained(tmp / "runs" / run).state_dict()
     b = KimiLinearForCausalLM.from_pretrained(single.run_dir).state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=2e-3, msg=name)

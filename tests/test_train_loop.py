@@ -258,3 +258,18 @@ def test_resume_command_repeats_changed_options(tmp_path, corpus):
     saved = {**cfg.to_dict(), "steps": 6, "compile": False}
     assert resume_command(cfg, 2, saved) == (f"torchrun --nproc-per-node 2 --no-python kimi-linear train --runs-dir "
                                              f"{cfg.runs_dir} --name run --steps 12 --compile --no-progress --resume")
+
+
+def test_attn_res_training_logs_depth_dynamics(tmp_path, corpus):
+    """`--attn-res-block-size` builds Block AttnRes into the trained model (saved in its config.json) and every log
+    line carries the per-layer hidden-state RMS and gradient norm (for the paper's training-dynamics plots)."""
+    cfg = config(tmp_path, corpus, steps=3, attn_res_block_size=2)
+    Trainer(cfg).train()
+    loaded = KimiLinearForCausalLM.from_pretrained(cfg.run_dir)
+    assert loaded.config.attn_res_block_size == 2 and loaded.model.attn_res_final is not None
+    records = [r for r in read_metrics(str(cfg.run_dir / "metrics.jsonl")) if r["kind"] == "train"]
+    layers = loaded.config.num_hidden_layers
+    assert all(len(r["layer_rms"]) == layers and len(r["layer_grad_norm"]) == layers for r in records)
+    assert all(v > 0 for r in records for v in r["layer_rms"] + r["layer_grad_norm"])
+    args = build_parser().parse_args(["train", "--attn-res-block-size", "4"])
+    assert train_config_from_args(args).attn_res_block_size == 4

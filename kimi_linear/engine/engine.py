@@ -12,6 +12,7 @@ raises :class:`RequestError` to its caller and nothing else notices) and hand th
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +28,7 @@ from kimi_linear.sampling import RowState, SamplingParams, sample
 from kimi_linear.step import Snapshot, StepMetadata
 
 Listener = Callable[[RequestOutput], None]
+log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -305,7 +307,13 @@ class LLMEngine:
         for out in outputs:
             listener = self._listeners.get(out.request_id)
             if listener is not None:
-                listener(out)
+                try:
+                    listener(out)
+                except Exception:  # a consumer that went away (its event loop closed): stop telling it, and
+                    log.warning("dropping the listener of %s, which raised", out.request_id, exc_info=True)
+                    self._listeners.pop(out.request_id, None)
+                    if not out.finished:  # nobody listens: the request's memory goes back
+                        self.abort(out.request_id)
             if out.finished:
                 self._requests.pop(out.request_id, None)
                 self._listeners.pop(out.request_id, None)

@@ -69,6 +69,12 @@ class Detokenizer:
         self._pending.clear()
         return text
 
+    def flush(self) -> str:
+        """What is still held back, decoded as it is (a cut character becomes U+FFFD): for the end of a text."""
+        text = self._decode(self._pending) if self._pending else ""
+        self._pending.clear()
+        return text
+
 
 @dataclass(eq=False)
 class Completion:
@@ -120,6 +126,7 @@ class Completion:
         n_out = len(self.tokens) - self.num_prompt
         if token in stop_ids and n_out >= p.min_tokens:
             self._finish("stop", token)
+            self._flush_text()
             return
         if self.detokenizer is not None:
             self.text += self.detokenizer.add(token)
@@ -127,6 +134,11 @@ class Completion:
                 return
         if n_out >= (p.max_tokens or max_len) or len(self.tokens) >= max_len:
             self._finish("length")
+            self._flush_text()
+
+    def _flush_text(self) -> None:
+        if self.detokenizer is not None:
+            self.text += self.detokenizer.flush()
 
     def _cut_stop_string(self, end: int) -> bool:
         longest = max(len(s) for s in self.params.stop)

@@ -107,7 +107,8 @@ class KimiDeltaAttention(nn.Module):
                 states = torch.cat([*chunk_states, final])
                 state_pool.index_copy_(0, meta.snapshot_slots, states[meta.snapshot_state_rows])
                 conv_pool.index_copy_(0, meta.snapshot_slots, conv_state_at(
-                    qkv, conv_init, meta.cu_seqlens, meta.snapshot_seqs, meta.snapshot_lens))
+                    qkv, conv_init, meta.cu_seqlens, meta.snapshot_seqs, meta.snapshot_lens,
+                    width=self.q_conv1d.kernel_size[0]))
             outputs.append(o.reshape(-1, H, K))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 

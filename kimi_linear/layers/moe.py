@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi_linear.config import KimiLinearConfig
-from kimi_linear.ops.moe import moe_experts, route, sequence_balance_loss
+from kimi_linear.ops.moe import expert_counts, moe_experts, route, sequence_balance_loss
 
 
 class MLP(nn.Module):
@@ -68,6 +68,7 @@ class Router(nn.Module):
             num_expert_group=c.num_expert_group if c.use_grouped_topk else 1,
             topk_group=c.topk_group if c.use_grouped_topk else 1,
             renormalize=c.moe_renormalize, routed_scaling_factor=c.routed_scaling_factor,
+            weights_from_biased_scores=c.moe_weights_from_biased_scores,
         )
 
 
@@ -96,7 +97,7 @@ class MoE(nn.Module):
         """x ``[N, D]`` → ``[N, D]``. ``balance_rows`` (B, T): compute the sequence-wise balance loss, the N tokens
         being B rows of T."""
         weights, indices, scores = self.gate(x)
-        self.last_expert_load = torch.bincount(indices.reshape(-1), minlength=self.num_experts).float()
+        self.last_expert_load = expert_counts(indices, self.num_experts).float()
         self.balance_loss = None
         if balance_rows is not None:
             B, T = balance_rows

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 try:  # PyTorch >= 2.9
     from torch.nn.attention.varlen import varlen_attn
@@ -67,7 +66,9 @@ def varlen_causal_attention(
         if nq == nk:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal_lower_right(nq, nk), scale=scale)
+            # the last nq of nk positions: query i sees keys up to nk - nq + i
+            mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
         out.append(o.transpose(0, 1))
         q_at, k_at = q_at + nq, k_at + nk
     return torch.cat(out) if out else q.new_zeros(0, H, v.shape[-1])

@@ -1,9 +1,9 @@
 """Depthwise causal short convolution with carried state, as Triton kernels.
 
 Same contract as :func:`kimi_linear.ops.conv.causal_conv1d`. The PyTorch version gathers every tap through index
-tensors (and ``repeat_interleave`` syncs with the host, so it cannot be captured in a CUDA graph); here one
-kernel computes the W taps, the bias-free sum and the SiLU for a tile of tokens x channels, and a second, tiny
-kernel writes each sequence's final state. Neither reads tensor values on the host.
+tensors, a few passes over the tokens per tap; here one kernel computes the W taps, the bias-free sum and the SiLU
+for a tile of tokens x channels, and a second, tiny kernel writes each sequence's final state. Neither reads
+tensor values on the host.
 
 Sequence lookup for packed batches: each token finds its sequence by binary search over ``cu_seqlens`` inside
 the kernel, so tiles need not align with sequence boundaries and no host-side split is needed.
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.conv import check_conv_inputs
+from kimi_linear.ops.conv_check import check_conv_inputs
 
 
 @triton.jit

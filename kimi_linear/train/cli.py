@@ -63,6 +63,9 @@ OPTIONS: list[tuple[str, str, dict]] = [
      dict(action="store_const", const=True, help="recompute layer activations in the backward pass")),
     ("--expert-parallel", "expert_parallel",
      dict(action="store_const", const=True, help="shard MoE experts across processes, under torchrun")),
+    ("--attn-res-block-size", "attn_res_block_size",
+     dict(type=int, metavar="N", help="Block Attention Residuals with N sublayers per block (1: Full AttnRes; "
+                                      "default: the model config's, usually the standard residual)")),
     ("--no-progress", "progress",
      dict(action="store_const", const=False, help="no progress bar; a resumed run does not inherit this choice")),
 ]

@@ -131,6 +131,7 @@ def apply_fsdp(model: nn.Module, env: DistEnv) -> None:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, ignored_params=ignored, mp_policy=policy)
     fully_shard(model, mesh=mesh, ignored_params=ignored, mp_policy=policy)
+    model.model.attn_res_two_phase = False  # two-phase reads gather a block's queries across sharded layers
 
 
 def is_sharded(p: torch.Tensor) -> bool:
@@ -138,7 +139,7 @@ def is_sharded(p: torch.Tensor) -> bool:
     return isinstance(p, DTensor) or getattr(p, "expert_parallel", False)
 
 
-def _local_grad(p: nn.Parameter) -> torch.Tensor:
+def local_grad(p: nn.Parameter) -> torch.Tensor:
     return p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
 
 
@@ -147,14 +148,14 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
 
     Sharded gradients add their squared norms over ranks; replicated ones count once."""
     params = [p for p in params if p.grad is not None]
-    zero = torch.zeros((), device=_local_grad(params[0]).device)
-    sq_sharded = sum((_local_grad(p).float().pow(2).sum() for p in params if is_sharded(p)), zero)
-    sq_replicated = sum((_local_grad(p).float().pow(2).sum() for p in params if not is_sharded(p)), zero)
+    zero = torch.zeros((), device=local_grad(params[0]).device)
+    sq_sharded = sum((local_grad(p).float().pow(2).sum() for p in params if is_sharded(p)), zero)
+    sq_replicated = sum((local_grad(p).float().pow(2).sum() for p in params if not is_sharded(p)), zero)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sq_sharded)
     norm = (sq_sharded + sq_replicated).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in params:
-            _local_grad(p).mul_(scale)
+            local_grad(p).mul_(scale)
     return norm

@@ -26,6 +26,7 @@ from kimi_linear.tokenizer import ByteTokenizer
 from kimi_linear.train.balance import expert_loads, load_imbalance, update_router_bias
 from kimi_linear.train.checkpointing import find_checkpoint, load_rank_state, load_trainer_state, save_checkpoint
 from kimi_linear.train.data import PackedData, describe_source, prepare_data, unigram_bits_per_token
+from kimi_linear.train.depth_stats import DepthProbe
 from kimi_linear.train.distributed import (
     DistEnv,
     apply_expert_parallel,
@@ -82,11 +83,12 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     expert_parallel: bool = False
+    attn_res_block_size: int | None = None  # Block Attention Residuals in the model (sublayers per block)
     resume: bool = False
     progress: bool = True
 
     RESUME_KEYS = ("preset", "model_config", "data", "seq_len", "batch_size", "seed", "val_fraction",
-                   "expert_parallel")
+                   "expert_parallel", "attn_res_block_size")
     SESSION_KEYS = ("progress", "resume")
 
     def __post_init__(self) -> None:
@@ -105,12 +107,15 @@ class TrainConfig:
 
 
 def model_config_for(cfg: TrainConfig) -> KimiLinearConfig:
-    if cfg.model_config is None:
-        return KimiLinearConfig.from_preset(cfg.preset)
+    """The preset or config file, with Block AttnRes when the run asks for it."""
     try:
-        return KimiLinearConfig.from_pretrained(cfg.model_config)
+        config = (KimiLinearConfig.from_preset(cfg.preset) if cfg.model_config is None
+                  else KimiLinearConfig.from_pretrained(cfg.model_config))
+        if cfg.attn_res_block_size is not None:
+            config = KimiLinearConfig.from_dict({**config.to_dict(), "attn_res_block_size": cfg.attn_res_block_size})
     except FileNotFoundError as e:
         raise UserError(str(e)) from e
+    return config
 
 
 def check_resumable(saved: dict, cfg: TrainConfig, world: int) -> None:
@@ -254,6 +259,7 @@ class Trainer:
             apply_fsdp(model, env)
         self.model = model
         self.forward = torch.compile(model) if cfg.compile else model
+        self.depth = DepthProbe(model)
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
         self.step = 0
         if saved is not None:
@@ -300,6 +306,7 @@ class Trainer:
         out = self.forward(ids, labels=ids, position_ids=pos, balance_loss_coef=cfg.balance_loss_coef)
         loss = out.loss * self._token_share(pos)
         loss.backward()
+        depth = {"layer_rms": self.depth.hidden_rms(), "layer_grad_norm": self.depth.grad_norms()}
         grad_norm = clip_grad_norm([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -311,7 +318,7 @@ class Trainer:
             imbalance = load_imbalance(loads)
         self.step += 1
         return {"loss": self._mean_over_ranks(loss), "lr": lr, "grad_norm": float(grad_norm),
-                "imbalance": imbalance}
+                "imbalance": imbalance, **depth}
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -12,6 +12,20 @@ import torch
 from kimi_linear.ops.kda.validate import check_kda_inputs, host_offsets
 
 
+def delta_rule_step(
+    S: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the recurrence (kda.md §1) for any leading dims ``...`` (heads, sequences and heads, ...).
+
+    S ``[..., K, V]``; q (already scaled), k, g ``[..., K]``; v ``[..., V]``; beta ``[...]``, all in one dtype.
+    Returns the new state ``[..., K, V]`` and the output ``[..., V]``.
+    """
+    S = S * g.exp()[..., None]
+    residual = v - torch.einsum("...kv,...k->...v", S, k)
+    S = S + beta[..., None, None] * k[..., None] * residual[..., None, :]
+    return S, torch.einsum("...kv,...k->...v", S, q)
+
+
 def naive_recurrent_kda(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -52,10 +66,7 @@ def naive_recurrent_kda(
         else:
             S = initial_state[n].to(acc)
         for t in range(start, end):
-            S = S * g[b, t].exp()[..., None]
-            residual = v[b, t] - torch.einsum("hkv,hk->hv", S, k[b, t])
-            S = S + beta[b, t][:, None, None] * k[b, t][..., None] * residual[:, None, :]
-            o[b, t] = torch.einsum("hkv,hk->hv", S, q[b, t] * scale)
+            S, o[b, t] = delta_rule_step(S, q[b, t] * scale, k[b, t], v[b, t], g[b, t], beta[b, t])
         finals.append(S)
     final = torch.stack(finals).to(torch.float32 if acc == torch.float32 else acc) if output_final_state else None
     return o.to(out_dtype), final

@@ -172,7 +172,8 @@ def _prefill(q, k, v, g, beta, A_log, dt_bias, h0, B, bounds, scale, lower_bound
     One stream, in the order chunk 0, state 0, chunk 1, state 1, ...: each state pass lets the next chunk pass
     launch once its own programs have started (programmatic dependent launch, ``LAUNCH_NEXT``), so they hold their
     SMs first; the chunk pass's last program waits for that state pass to end (``AFTER_STATE``), so that the next
-    state pass, queued behind the chunk pass, starts from a complete state. H100, 1 × 65536: see kda.md."""
+    state pass, queued behind the chunk pass, starts from a complete state. H100, 1 × 65536: see
+    benchmarks/results/kda.md (times) and kda_notes.md (how the pipeline was arrived at)."""
     T, H, K = q.shape
     V = v.shape[-1]
     dev = q.device

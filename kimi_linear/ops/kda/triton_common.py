@@ -2,8 +2,9 @@
 
 Layout conventions of every kernel in :mod:`kimi_linear.ops.kda.triton_chunk_fwd` / ``triton_chunk_bwd``:
 the batch is flattened to one token axis (equal-length batches become packed sequences), per-token tensors
-are ``[T_total, H, D]`` contiguous, and a chunk (64 tokens of one sequence) is named by its global index ``i_c``;
-``chunk_start[i_c]`` / ``chunk_len[i_c]`` give its first token and its number of valid rows (<= 64).
+are ``[T_total, H, D]`` contiguous, and a chunk (C tokens of one sequence: 64 for autograd, 16 in the prefill) is
+named by its global index ``i_c``; ``chunk_start[i_c]`` / ``chunk_len[i_c]`` give its first token and its number of
+valid rows (<= C).
 """
 
 from __future__ import annotations
