@@ -194,8 +194,9 @@ def random_workload(seed: int, num_requests: int, max_len: int, max_seqs: int) -
     for _ in range(rng.randint(0, num_requests // 4)):
         step = rng.randint(1, 3 * num_requests)
         added = sum(len(reqs) for s, reqs in arrivals.items() if s <= step)
-        if added:
-            aborts.setdefault(step, []).append(rng.randrange(added))
+        k = rng.randrange(added) if added else None
+        if k is not None and k not in aborts.get(step, []):  # (twice in one step: see test_engine_adversarial)
+            aborts.setdefault(step, []).append(k)
     return arrivals, aborts, order
 
 

@@ -8,7 +8,8 @@ allocator invariants after each step (engine_checks.check_invariants).
 - chunked prefill stays on the 64-token grid of where the run began, and its results do not depend on the budget;
 - a request's tokens do not depend on what else runs, when it arrives, or whether it was preempted;
 - new sequences start from zero state whatever the pools hold (NaN everywhere, pad slot and block included);
-- stop strings / tokens, min / max tokens, ignore_eos, logprobs, aborts in every state;
+- stop strings / tokens, min / max tokens, ignore_eos, logprobs, text at a cut character;
+- aborts in every state, a failed step, a client that vanished without aborting;
 - the static-batch path (left padding, early finishers) equals per-sequence generation;
 - the metadata producers refuse what the layers cannot serve.
 
@@ -325,7 +326,19 @@ def test_detokenizer_never_splits_a_character():
     assert pieces == ["a", "", "é", "", "", "€", "", "", "", "😀", "b"]
 
 
-# ---- aborts (bookkeeping only: the exact stand-in model) ------------------------------------------------------------
+def test_final_text_is_the_decoding_of_all_output_tokens(model):
+    """A completion cut by max_tokens inside an unfinished UTF-8 character still ends with it (as U+FFFD): its text
+    is the decoding of all its token ids. (Regression for the held-back bytes dropped before f9eb427.)"""
+    tok = ByteTokenizer()
+    eng = make_engine(model, decode=tok.decode, eos=[])
+    p = prompt(20, seed=500)
+    ids = run_one(eng, p, greedy(12)).tokens[0]
+    cut = next(k for k in range(1, 13) if tok.decode(ids[:k]).endswith("\ufffd"))
+    r = run_one(eng, p, greedy(cut))
+    assert r.text[0] == tok.decode(ids[:cut])
+
+
+# ---- aborts, failures, vanished clients (bookkeeping only: the exact stand-in model) -------------------------------
 def test_abort_in_every_state(stub):
     """Abort a request waiting (max_num_seqs = 1), one in the middle of its chunked prefill, one decoding, one in the
     same step it was added, one already finished and an unknown id: each aborted request ends once, with
@@ -383,70 +396,10 @@ def test_a_failed_step_leaves_nothing_behind(stub, monkeypatch):
     assert [r.completions for r in got] == [r.completions for r in reference(stub, requests)]
 
 
-# ---- bugs found in this review (strict xfail: they fail today) ------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG: add_request accepts a request id already in flight; the first request's "
-                   "outputs are silently lost (engine.py _drain_inbox overwrites _requests[id], _sample keys "
-                   "advanced requests by id)")
-def test_duplicate_request_id_is_refused_or_both_are_served(stub):
-    """Two requests with one id: either the second is refused, or both are served in full."""
-    eng = make_engine(stub)
-    eng.add_request(prompt(5, seed=1), greedy(4), request_id="same")
-    try:
-        eng.add_request(prompt(6, seed=2), greedy(8), request_id="same")
-    except RequestError:
-        return
-    streamed = 0
-    while eng.has_unfinished():
-        streamed += sum(len(o.token_ids) for out in eng.step() for o in out.outputs)
-    assert streamed == 4 + 8
-
-
-@pytest.mark.xfail(strict=True, reason="BUG: SamplingParams.validate accepts any int seed, but torch.Generator."
-                   "manual_seed overflows beyond 64 bits inside step(): the step raises and the request never ends")
-def test_seed_beyond_64_bits_is_refused_up_front(stub):
-    eng = make_engine(stub)
-    with pytest.raises(RequestError, match="seed"):
-        eng.add_request(prompt(5, seed=1), SamplingParams(temperature=1.0, seed=2**64, max_tokens=3))
-
-
-@pytest.mark.xfail(strict=True, reason="BUG (livelock): with one usable state slot, a request that hits a cache entry "
-                   "pins it and then cannot take a slot because that entry holds the only one (Scheduler._admit / "
-                   "_take_slot); it waits forever and step() does nothing")
-def test_a_prefix_hit_is_served_with_one_state_slot(stub):
-    """(Refusing a pool of one usable slot up front would be a fix too.)"""
-    try:
-        eng = make_engine(stub, slots=2, max_seqs=1)
-    except ValueError:
-        return
-    first = prompt(40, seed=1)
-    run_one(eng, first, greedy(1))  # its state (40 tokens) becomes the cache entry holding the only slot
-    eng.add_request(first + prompt(10, seed=2), greedy(3))
-    for _ in range(20):
-        eng.step()
-    assert not eng.has_unfinished()
-
-
-@pytest.mark.xfail(strict=True, reason="BUG (livelock): a prompt that needs every latent block, hitting an entry whose "
-                   "last block is partial, needs that block plus its own copy; the entry is pinned during admission, "
-                   "so admission fails every step although the request fits the pool and max_model_len")
-def test_a_near_capacity_prompt_after_a_partial_block_hit_is_served(stub):
-    eng = make_engine(stub, slots=8, blocks=9, block_size=16)  # 8 blocks of 16: max_model_len 128
-    first = prompt(100, seed=1)
-    run_one(eng, first, greedy(1))  # cache entry at 100: 6 full blocks and a partial one
-    try:
-        eng.add_request(first + prompt(27, seed=2), greedy(1))  # 127 + 1 tokens = max_model_len
-    except RequestError:  # a max_model_len that leaves room for the copy would be a fix too
-        return
-    for _ in range(20):
-        eng.step()
-    assert not eng.has_unfinished()
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.xfail(strict=True, reason="BUG: a listener that raises (here: the event loop of a consumer that went away "
-                   "without aborting is closed) makes step() raise, fail_all() publishes to the same listener and "
-                   "raises again inside AsyncEngine._run's except block: the engine thread dies, nothing is served")
 def test_a_consumer_whose_loop_closed_does_not_stop_the_engine(stub):
+    """A client that stops iterating its stream and whose event loop is then closed, without aborting: the engine
+    drops it (its request ends) and goes on serving others. (Regression: before f9eb427 the closed loop made every
+    publish raise, fail_all raised again inside AsyncEngine._run, and the engine thread died.)"""
     runner = AsyncEngine(make_engine(stub)).start()
     stream = runner.generate(prompt(20, seed=1), greedy(200))
     try:
@@ -468,9 +421,79 @@ def test_a_consumer_whose_loop_closed_does_not_stop_the_engine(stub):
         runner.shutdown(1)
 
 
+# ---- bugs found in this review (strict xfail: they fail today) ------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="BUG: add_request accepts a request id already in flight; the first request's "
+                   "outputs are silently lost (engine.py _drain_inbox overwrites _requests[id], _sample keys "
+                   "advanced requests by id)")
+def test_duplicate_request_id_is_refused_or_both_are_served(stub):
+    """Two requests with one id: either the second is refused, or both are served in full."""
+    eng = make_engine(stub)
+    eng.add_request(prompt(5, seed=1), greedy(4), request_id="same")
+    try:
+        eng.add_request(prompt(6, seed=2), greedy(8), request_id="same")
+    except RequestError:
+        return
+    streamed = 0
+    while eng.has_unfinished():
+        streamed += sum(len(o.token_ids) for out in eng.step() for o in out.outputs)
+    assert streamed == 4 + 8
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: two aborts of one request drained in the same step (e.g. a client's abort "
+                   "and a disconnect handler's) each append a final output: step() returns the request finished "
+                   "twice (_drain_inbox finds the id in _requests, which only _publish empties, after the drain)")
+def test_a_request_aborted_twice_in_one_step_ends_once(stub):
+    """Abort one request twice before the next step: that step reports it, finished, once."""
+    eng = make_engine(stub)
+    rid = eng.add_request(prompt(10, seed=1), greedy(20))
+    eng.step()
+    eng.abort(rid)
+    eng.abort(rid)
+    finals = [out for out in eng.step() if out.request_id == rid]
+    assert len(finals) == 1 and finals[0].finished
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (livelock): with one usable state slot, a request that hits a cache entry "
+                   "pins it and then cannot take a slot because that entry holds the only one (Scheduler._admit / "
+                   "_take_slot); it waits forever and step() does nothing")
+def test_a_prefix_hit_is_served_with_one_state_slot(stub):
+    """An engine with one usable state slot serves a request that extends a finished one (whose cached state holds
+    that slot). Refusing such a pool up front would be a fix too."""
+    try:
+        eng = make_engine(stub, slots=2, max_seqs=1)
+    except ValueError:
+        return
+    first = prompt(40, seed=1)
+    run_one(eng, first, greedy(1))  # its state (40 tokens) becomes the cache entry holding the only slot
+    eng.add_request(first + prompt(10, seed=2), greedy(3))
+    for _ in range(20):
+        eng.step()
+    assert not eng.has_unfinished()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (livelock): a prompt that needs every latent block, hitting an entry whose "
+                   "last block is partial, needs that block plus its own copy; the entry is pinned during admission, "
+                   "so admission fails every step although the request fits the pool and max_model_len")
+def test_a_near_capacity_prompt_after_a_partial_block_hit_is_served(stub):
+    """A request that fits max_model_len is served even when its prefix hit ends inside a block (so admission needs a
+    private copy of that block while the entry still holds the original)."""
+    eng = make_engine(stub, slots=8, blocks=9, block_size=16)  # 8 blocks of 16: max_model_len 128
+    first = prompt(100, seed=1)
+    run_one(eng, first, greedy(1))  # cache entry at 100: 6 full blocks and a partial one
+    try:
+        eng.add_request(first + prompt(27, seed=2), greedy(1))  # 127 + 1 tokens = max_model_len
+    except RequestError:  # a max_model_len that leaves room for the copy would be a fix too
+        return
+    for _ in range(20):
+        eng.step()
+    assert not eng.has_unfinished()
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: SamplingParams(stop='abc') passes validate (a str iterates as non-empty "
                    "strings) and stops at any one of its characters")
 def test_stop_given_as_one_string_is_refused_or_matched_whole(stub):
+    """stop = "xy" (a str, as the OpenAI field allows) is either refused or matched as one stop string, never as the
+    characters "x" and "y"."""
     eng = make_engine(stub, decode=char_decode, eos=[])
     p = prompt(12, seed=3)
     text = run_one(eng, p, greedy(10)).text[0]
@@ -482,23 +505,12 @@ def test_stop_given_as_one_string_is_refused_or_matched_whole(stub):
     assert r.text[0] == text
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a completion that ends (max_tokens) inside an incomplete UTF-8 sequence "
-                   "loses those bytes: Detokenizer holds them back and nothing flushes it when the completion "
-                   "finishes, so the final text differs from decode(token_ids)")
-def test_final_text_is_the_decoding_of_all_output_tokens(model):
-    tok = ByteTokenizer()
-    eng = make_engine(model, decode=tok.decode, eos=[])
-    p = prompt(20, seed=500)
-    ids = run_one(eng, p, greedy(12)).tokens[0]
-    cut = next(k for k in range(1, 13) if tok.decode(ids[:k]).endswith("\ufffd"))
-    r = run_one(eng, p, greedy(cut))
-    assert r.text[0] == tok.decode(ids[:cut])
-
-
 @pytest.mark.xfail(strict=True, reason="DIVERGENCE from vLLM (whose extensions SamplingParams follows): min_tokens "
                    "holds back EOS and stop tokens but not stop strings, so a stop string ends the output before "
                    "min_tokens")
 def test_min_tokens_also_holds_back_stop_strings(stub):
+    """With min_tokens = 6, a stop string that appears in the second token does not end the output (vLLM skips all
+    stop checks before min_tokens)."""
     eng = make_engine(stub, decode=char_decode, eos=[])
     p = prompt(12, seed=4)
     text = run_one(eng, p, greedy(10)).text[0]
@@ -547,14 +559,19 @@ def test_step_metadata_refuses_malformed_steps(case, message):
     pytest.param(dict(query_lens=[3], block_tables=[[-2]]), id="negative-block"),
 ])
 @pytest.mark.xfail(strict=True, reason="GAP: StepMetadata.build ('validated here'; 'producers validate, layers trust') "
-                   "accepts state writes and latent writes that collide, and negative slot / block ids (which index "
-                   "from the end of the pools); the forward then corrupts state silently")
+                   "accepts two writes to one state slot or latent row (the forward runs and the last write wins, "
+                   "silently) and negative slot / block ids (they fail only inside the forward: IndexError on the "
+                   "CPU, a device-side assert on CUDA)")
 def test_step_metadata_refuses_colliding_or_negative_targets(case):
+    """Two writes of one step to one state slot or latent row, and negative slot or block ids, are refused where the
+    step is made."""
     with pytest.raises(ValueError):
         build(**case)
 
 
 def test_static_cache_refuses_steps_past_its_length():
+    """HybridCache.step refuses a step that would take a sequence past max_length, and a refused step changes no
+    length."""
     cache = HybridCache(KimiLinearConfig.from_preset("test"), 2, 20, device="cpu", dtype=torch.float32, block_size=8)
     cache.step([0, 1], [20, 4])
     with pytest.raises(ValueError, match="would exceed"):
@@ -569,6 +586,7 @@ def test_static_cache_refuses_steps_past_its_length():
 @pytest.mark.xfail(strict=True, reason="GAP: HybridCache.step indexes lengths with any int: row -1 becomes state slot "
                    "0 (the padding slot) with the last row's blocks, and a repeated row gives two sequences one slot")
 def test_static_cache_refuses_bad_rows(rows, counts):
+    """HybridCache.step refuses rows outside 0..B-1 and a row named twice in one step."""
     cache = HybridCache(KimiLinearConfig.from_preset("test"), 2, 20, device="cpu", dtype=torch.float32, block_size=8)
     with pytest.raises((ValueError, IndexError)):
         cache.step(rows, counts)
