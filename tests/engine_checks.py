@@ -138,7 +138,8 @@ def watch_plans(eng: LLMEngine) -> list[list[Piece]]:
         assert len(sch.running) <= cfg.max_num_seqs and all(q in sch.running for q in seqs)
         assert all(q.computed > 0 and q.computed + 1 == len(q.tokens) for q in plan.decodes)
         assert all(q.computed == len(q.tokens) and q.ready_hidden is not None for q in plan.ready)
-        held = {q.slot for q in sch.running} | {e.slot for e in (sch.prefix_cache.entries if sch.prefix_cache else ())}
+        entries = sch.prefix_cache.entries if sch.prefix_cache is not None else frozenset()
+        held = {q.slot for q in sch.running} | {e.slot for e in entries}
         snap_slots = [slot for r in plan.prefills for _, slot in r.snapshots]
         assert len(set(snap_slots)) == len(snap_slots) and not set(snap_slots) & held
         assert not set(snap_slots) & set(eng.slots._free)
@@ -149,9 +150,8 @@ def watch_plans(eng: LLMEngine) -> list[list[Piece]]:
             assert q.computed + n == len(q.tokens) or (q.computed + n - q.grid_origin) % 64 == 0
             assert all(0 < off <= n and (off == n or off % 64 == 0) for off, _ in r.snapshots)
             pieces.append((q.computed, n, q.grid_origin, len(q.tokens), [off for off, _ in r.snapshots]))
-        entry_slots = {e.slot for e in sch.prefix_cache.entries} if sch.prefix_cache else set()
         for src, dst in plan.slot_copies:
-            assert src in entry_slots and dst in {q.slot for q in seqs}
+            assert src in {e.slot for e in entries} and dst in {q.slot for q in seqs}
         for _, dst in plan.block_copies:
             assert eng.blocks.holders(dst) == 1 and any(dst in q.blocks for q in seqs)
         steps.append(pieces)
@@ -389,3 +389,18 @@ class CacheCheckingModel(torch.nn.Module):
         out = [torch.randn(self.config.vocab_size, generator=torch.Generator().manual_seed(int(h[0]) * 7 + 1)) * 4
                for h in hidden]
         return torch.stack(out)
+
+
+class ScriptedModel(CacheCheckingModel):
+    """The cache-checking stand-in whose greedy output, after a prompt of ``prompt_len`` tokens, is ``script`` (then
+    ``script[-1]`` again and again): text-level tests with a real tokenizer's bytes, cache contract still checked."""
+
+    def __init__(self, script: list[int], prompt_len: int) -> None:
+        super().__init__()
+        self.script, self.prompt_len = script, prompt_len
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(hidden), self.config.vocab_size)
+        for r, h in enumerate(hidden):
+            logits[r, self.script[min(int(h[1]) - self.prompt_len, len(self.script) - 1)]] = 10.0
+        return logits

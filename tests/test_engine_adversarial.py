@@ -26,6 +26,7 @@ import torch
 from engine_checks import (
     CacheCheckingModel,
     Result,
+    ScriptedModel,
     assert_all_free,
     check_invariants,
     drive,
@@ -275,6 +276,23 @@ def test_stop_strings_are_held_back_cut_and_never_streamed(model):
         streamed += o.text
         assert text.startswith(streamed) and len(streamed) <= 4  # nothing streamed was cut later
     assert_all_free(eng)
+
+
+def test_stop_strings_over_multibyte_characters_with_the_byte_tokenizer():
+    """With the byte tokenizer, output "aé€bcd" arrives one byte-token at a time: a stop string that begins inside
+    a multi-byte character's bytes ("€b": 4 tokens) or is one ("é") cuts the text right before it; no streamed piece
+    ever holds a broken character or text that is later taken back."""
+    tok = ByteTokenizer()
+    script = tok.encode("aé€bcd")
+    for stops, expected in ((["€b"], "aé"), (["zz", "é"], "a"), (["bcd"], "aé€")):
+        eng = make_engine(ScriptedModel(script, 5), decode=tok.decode, eos=[])
+        eng.add_request(prompt(5, seed=74), SamplingParams(temperature=0.0, max_tokens=len(script), stop=stops))
+        pieces = []
+        while eng.has_unfinished():
+            pieces += [o for out in eng.step() for o in out.outputs]
+        assert "".join(o.text for o in pieces) == expected and pieces[-1].finish_reason == "stop"
+        assert all("\ufffd" not in o.text for o in pieces)
+        assert_all_free(eng)
 
 
 def test_eos_ignore_eos_min_and_max_tokens(model):
