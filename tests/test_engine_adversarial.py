@@ -13,7 +13,7 @@ allocator invariants after each step (engine_checks.check_invariants).
 - the static-batch path (left padding, early finishers) equals per-sequence generation;
 - the metadata producers refuse what the layers cannot serve.
 
-Tests marked xfail(strict=True) reproduce bugs found in this review (see each reason).
+The tests under "bugs found in this review" reproduced bugs this review found; they are regression tests now.
 """
 
 from __future__ import annotations
@@ -439,10 +439,7 @@ def test_a_consumer_whose_loop_closed_does_not_stop_the_engine(stub):
         runner.shutdown(1)
 
 
-# ---- bugs found in this review (strict xfail: they fail today) ------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG: add_request accepts a request id already in flight; the first request's "
-                   "outputs are silently lost (engine.py _drain_inbox overwrites _requests[id], _sample keys "
-                   "advanced requests by id)")
+# ---- bugs found in this review (fixed; regression tests) --------------------------------------------------------------
 def test_duplicate_request_id_is_refused_or_both_are_served(stub):
     """Two requests with one id: either the second is refused, or both are served in full."""
     eng = make_engine(stub)
@@ -457,9 +454,6 @@ def test_duplicate_request_id_is_refused_or_both_are_served(stub):
     assert streamed == 4 + 8
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: two aborts of one request drained in the same step (e.g. a client's abort "
-                   "and a disconnect handler's) each append a final output: step() returns the request finished "
-                   "twice (_drain_inbox finds the id in _requests, which only _publish empties, after the drain)")
 def test_a_request_aborted_twice_in_one_step_ends_once(stub):
     """Abort one request twice before the next step: that step reports it, finished, once."""
     eng = make_engine(stub)
@@ -471,9 +465,6 @@ def test_a_request_aborted_twice_in_one_step_ends_once(stub):
     assert len(finals) == 1 and finals[0].finished
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (livelock): with one usable state slot, a request that hits a cache entry "
-                   "pins it and then cannot take a slot because that entry holds the only one (Scheduler._admit / "
-                   "_take_slot); it waits forever and step() does nothing")
 def test_a_prefix_hit_is_served_with_one_state_slot(stub):
     """An engine with one usable state slot serves a request that extends a finished one (whose cached state holds
     that slot). Refusing such a pool up front would be a fix too."""
@@ -489,9 +480,6 @@ def test_a_prefix_hit_is_served_with_one_state_slot(stub):
     assert not eng.has_unfinished()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (livelock): a prompt that needs every latent block, hitting an entry whose "
-                   "last block is partial, needs that block plus its own copy; the entry is pinned during admission, "
-                   "so admission fails every step although the request fits the pool and max_model_len")
 def test_a_near_capacity_prompt_after_a_partial_block_hit_is_served(stub):
     """A request that fits max_model_len is served even when its prefix hit ends inside a block (so admission needs a
     private copy of that block while the entry still holds the original)."""
@@ -507,8 +495,6 @@ def test_a_near_capacity_prompt_after_a_partial_block_hit_is_served(stub):
     assert not eng.has_unfinished()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SamplingParams(stop='abc') passes validate (a str iterates as non-empty "
-                   "strings) and stops at any one of its characters")
 def test_stop_given_as_one_string_is_refused_or_matched_whole(stub):
     """stop = "xy" (a str, as the OpenAI field allows) is either refused or matched as one stop string, never as the
     characters "x" and "y"."""
@@ -523,9 +509,6 @@ def test_stop_given_as_one_string_is_refused_or_matched_whole(stub):
     assert r.text[0] == text
 
 
-@pytest.mark.xfail(strict=True, reason="DIVERGENCE from vLLM (whose extensions SamplingParams follows): min_tokens "
-                   "holds back EOS and stop tokens but not stop strings, so a stop string ends the output before "
-                   "min_tokens")
 def test_min_tokens_also_holds_back_stop_strings(stub):
     """With min_tokens = 6, a stop string that appears in the second token does not end the output (vLLM skips all
     stop checks before min_tokens)."""
@@ -576,10 +559,6 @@ def test_step_metadata_refuses_malformed_steps(case, message):
     pytest.param(dict(query_lens=[3], state_slots=[-1]), id="negative-state-slot"),
     pytest.param(dict(query_lens=[3], block_tables=[[-2]]), id="negative-block"),
 ])
-@pytest.mark.xfail(strict=True, reason="GAP: StepMetadata.build ('validated here'; 'producers validate, layers trust') "
-                   "accepts two writes to one state slot or latent row (the forward runs and the last write wins, "
-                   "silently) and negative slot / block ids (they fail only inside the forward: IndexError on the "
-                   "CPU, a device-side assert on CUDA)")
 def test_step_metadata_refuses_colliding_or_negative_targets(case):
     """Two writes of one step to one state slot or latent row, and negative slot or block ids, are refused where the
     step is made."""
@@ -601,8 +580,6 @@ def test_static_cache_refuses_steps_past_its_length():
 
 @pytest.mark.parametrize("rows, counts", [pytest.param([-1], [3], id="negative-row-uses-pad-slot-0"),
                                           pytest.param([0, 0], [3, 3], id="one-row-twice")])
-@pytest.mark.xfail(strict=True, reason="GAP: HybridCache.step indexes lengths with any int: row -1 becomes state slot "
-                   "0 (the padding slot) with the last row's blocks, and a repeated row gives two sequences one slot")
 def test_static_cache_refuses_bad_rows(rows, counts):
     """HybridCache.step refuses rows outside 0..B-1 and a row named twice in one step."""
     cache = HybridCache(KimiLinearConfig.from_preset("test"), 2, 20, device="cpu", dtype=torch.float32, block_size=8)

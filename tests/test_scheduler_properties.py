@@ -10,9 +10,8 @@ the prefix cache everything is free.
 Most runs use the exact cache-checking stand-in model (engine_checks.CacheCheckingModel: a state that does not
 belong to the cached tokens fails the step at once); a few use the real model.
 
-Pools keep two blocks more than the longest request needs and at least two usable slots (smaller ones can livelock),
-and no request is aborted twice in one step (it would end twice): see the xfail tests of test_engine_adversarial.py.
-The cache-checking runs found that second bug (seed 1011 of 50 requests of up to 260 tokens, before the dedup).
+Pools keep two blocks more than the longest request needs and at least two usable slots. The cache-checking runs
+found the double-abort bug of test_engine_adversarial.py (seed 1011 of 50 requests of up to 260 tokens).
 """
 
 from __future__ import annotations
@@ -108,9 +107,6 @@ def test_random_workloads_with_the_model(model, seed):
     check_against_roomy(model, seed, num_requests=12, max_len=300)
 
 
-@pytest.mark.xfail(strict=True, reason="PERFORMANCE: Scheduler._take_blocks evicts entries in value order until enough "
-                   "blocks are free, including entries whose blocks running sequences still hold (evicting them frees "
-                   "nothing): under memory pressure a shared system prompt's entry is dropped for no memory")
 def test_eviction_skips_entries_that_free_no_memory():
     """A system prompt's entry (8 tokens) whose blocks a running sequence also holds, and a younger, deeper entry with
     blocks of its own: asking for 3 blocks evicts the entry that frees them, and keeps the system prompt."""

@@ -22,6 +22,7 @@ Eviction removes the entry with the least ``depth / (1 + age)``: recency weighte
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,6 +81,7 @@ class PrefixCache:
         self.block_size = block_size
         self._root = _Node(None, (), 0)
         self._entries: set[Entry] = set()
+        self._entry_refs: Counter[int] = Counter()  # block -> how many entries hold it
         self._tick = 0
         self.stats = PrefixCacheStats()
 
@@ -153,20 +155,28 @@ class PrefixCache:
             return None
         covering = list(blocks[: -(-len(tokens) // self.block_size)])
         self._blocks.share(covering)
+        self._entry_refs.update(covering)
         entry = Entry(len(tokens), slot, covering, hidden, node, self._tick)
         node.entry = entry
         self._entries.add(entry)
         self.stats.inserts += 1
         return entry
 
-    def evict(self, pinned: set[Entry] | frozenset[Entry] = frozenset()) -> bool:
-        """Drop the entry worth least (``depth / (1 + age)``) that is not pinned; False when there is none."""
-        candidates = [e for e in self._entries if e not in pinned]
+    def evict(self, pinned: set[Entry] | frozenset[Entry] = frozenset(), for_blocks: bool = False) -> bool:
+        """Drop the entry worth least (``depth / (1 + age)``) that is not pinned; False when there is none.
+        ``for_blocks``: only among entries holding a block that no running sequence holds (evicting entries can free
+        it) — an entry whose blocks running sequences share frees nothing but its slot."""
+        candidates = [e for e in self._entries if e not in pinned
+                      and (not for_blocks or any(self._held_by_entries_only(b) for b in e.blocks))]
         if not candidates:
             return False
         self._drop(min(candidates, key=lambda e: e.depth / (1 + self._tick - e.last_used)))
         self.stats.evictions += 1
         return True
+
+    def _held_by_entries_only(self, block: int) -> bool:
+        """No running sequence holds the block: evicting entries can free it."""
+        return self._blocks.holders(block) == self._entry_refs[block]
 
     def clear(self) -> None:
         for entry in list(self._entries):
@@ -176,6 +186,7 @@ class PrefixCache:
         self._entries.discard(entry)
         self._slots.free(entry.slot)
         self._blocks.release(entry.blocks)
+        self._entry_refs.subtract(entry.blocks)
         node = entry.node
         node.entry = None
         while node.parent is not None and node.entry is None and not node.children:

@@ -246,7 +246,7 @@ class Scheduler:
 
     def _take_blocks(self, n: int, pinned: set[Entry]) -> list[int] | None:
         while self.blocks.num_free < n:
-            if self.prefix_cache is None or not self.prefix_cache.evict(pinned):
+            if self.prefix_cache is None or not self.prefix_cache.evict(pinned, for_blocks=True):
                 return None
         return self.blocks.allocate(n)
 
