@@ -439,7 +439,7 @@ def test_a_consumer_whose_loop_closed_does_not_stop_the_engine(stub):
         runner.shutdown(1)
 
 
-# ---- bugs found in this review (fixed; regression tests) --------------------------------------------------------------
+# ---- bugs found in this review (fixed; regression tests) ---------------------------------------------------------
 def test_duplicate_request_id_is_refused_or_both_are_served(stub):
     """Two requests with one id: either the second is refused, or both are served in full."""
     eng = make_engine(stub)
