@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -14,15 +13,6 @@ import torch
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
 from kimi_linear.engine import EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from kimi_linear.engine.request import Status
-
-
-def single_thread() -> Iterator[None]:
-    """Run a test module on one intra-op thread (restored afterwards): the steps are tiny, and on a shared machine
-    thread contention made them 10-20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model() -> KimiLinearForCausalLM:

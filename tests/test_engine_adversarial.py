@@ -35,7 +35,6 @@ from engine_checks import (
     make_model,
     prompt,
     run_one,
-    single_thread,
     watch_plans,
 )
 
@@ -48,11 +47,6 @@ from kimi_linear.step import Snapshot, StepMetadata
 from kimi_linear.tokenizer import ByteTokenizer
 
 LOGPROB_ATOL = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from single_thread()
 
 
 @pytest.fixture(scope="module")

@@ -26,16 +26,10 @@ from engine_checks import (
     make_engine,
     make_model,
     random_workload,
-    single_thread,
 )
 
 from kimi_linear.engine.allocator import BlockAllocator, SlotAllocator
 from kimi_linear.engine.scheduler import Scheduler, SchedulerConfig
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from single_thread()
 
 
 @pytest.fixture(scope="module")
