@@ -14,6 +14,9 @@ What it catches:
   ``__float__``, ``__index__`` conversions (``tolist`` and ``numpy`` read CPU memory without any aten op).
 
 It is a test helper: it changes ``torch.Tensor`` for the duration of the block (not thread-safe).
+
+``no_cuda_sync()`` is its counterpart on a GPU: PyTorch's CUDA sync debug mode, which also sees what no value read
+shows, such as a copy to the GPU from pageable host memory (it waits for the stream).
 """
 
 from __future__ import annotations
@@ -88,3 +91,16 @@ def no_host_reads() -> Iterator[None]:
                 delattr(torch.Tensor, name)
             else:
                 setattr(torch.Tensor, name, original)
+
+
+@contextmanager
+def no_cuda_sync() -> Iterator[None]:
+    """On CUDA: fail (RuntimeError) on any operation that synchronises the host with the GPU, as far as PyTorch's
+    sync debug mode sees them (a prototype: not every kind of synchronisation is covered)."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

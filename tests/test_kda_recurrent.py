@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sync_guard import no_host_reads
+from sync_guard import no_cuda_sync, no_host_reads
 
 from kimi_linear.ops.backend import use_backend
 from kimi_linear.ops.kda import fused_recurrent_kda
@@ -281,3 +281,13 @@ def test_gpu_cuda_graph_replay():
                                          state_indices=slots, options=opts)
     torch.testing.assert_close(o_graph, o_eager, rtol=0, atol=0)
     torch.testing.assert_close(scratch, eager_pool, rtol=0, atol=0)
+
+
+@cuda
+def test_gpu_torch_step_does_not_synchronise():
+    x, opts = make_inputs(5, 1, 32, 128, 128, "softplus", torch.bfloat16, "cuda")
+    pool = torch.randn(8, 32, 128, 128, device="cuda")
+    slots = torch.tensor([4, -1, 0, 7, 2], device="cuda")
+    with use_backend("torch"), no_cuda_sync():
+        fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], state_pool=pool, state_indices=slots,
+                            options=opts)

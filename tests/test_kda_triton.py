@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 from kda_args import kda_call
-from sync_guard import HostReadError, no_host_reads
+from sync_guard import HostReadError, no_cuda_sync, no_host_reads
 
 from kimi_linear.ops import kda
 from kimi_linear.ops.backend import use_backend
@@ -386,3 +386,19 @@ def test_host_offsets_read_nothing_from_the_device(monkeypatch):
         (o.sum() + final.sum()).backward()
     with pytest.raises(HostReadError), no_host_reads(), torch.no_grad():
         kda_call(chunk_kda_triton, x, options("released"), cu_seqlens=cu)
+
+
+@gpu
+def test_gpu_host_offsets_do_not_synchronise():
+    """With cu_seqlens_host, prefill, autograd forward and backward run without a host synchronisation (the chunk
+    tables go to the GPU from pinned memory)."""
+    host = [0, 300, 300, 1000]
+    cu = torch.tensor(host, dtype=torch.int32, device=DEVICE)
+    x = make_inputs(1000, 4, 128, 128, seed=43, n_state=3, gate="released", dtype=torch.bfloat16)
+    kw = dict(cu_seqlens=cu, cu_seqlens_host=host, output_final_state=True, output_chunk_states=True)
+    kda_call(chunk_kda_triton, x, options("released"), **kw)  # compile first
+    with torch.no_grad(), no_cuda_sync():
+        kda_call(chunk_kda_triton, x, options("released"), **kw)
+    with no_cuda_sync():
+        o, final, _ = kda_call(chunk_kda_triton, x, options("released"), **kw)
+        (o.float().sum() + final.sum()).backward()

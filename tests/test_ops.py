@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from sync_guard import no_host_reads
+from sync_guard import no_cuda_sync, no_host_reads
 
 from kimi_linear.ops.backend import use_backend
 from kimi_linear.ops.conv import causal_conv1d, conv_state_at
@@ -187,3 +187,20 @@ def test_balance_loss_is_one_for_uniform_routing():
     skewed = torch.tensor([[0, 1]] * T)[None]
     peaked = torch.tensor([0.9, 0.9, 0.1, 0.1]).expand(1, T, E)
     assert torch.allclose(sequence_balance_loss(peaked, skewed, E), torch.tensor(1.8))  # f = 2, 2, 0, 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_conv_and_experts_do_not_synchronise():
+    """The PyTorch conv, conv_state_at and the bf16 inference MoE on CUDA: no host synchronisation."""
+    dev, bf16 = "cuda", torch.bfloat16
+    cu = torch.tensor([0, 5, 5, 6, 14], device=dev)
+    x, w, s = torch.randn(1, 14, 64, device=dev, dtype=bf16), torch.randn(64, 4, device=dev, dtype=bf16), \
+        torch.randn(4, 64, 3, device=dev, dtype=bf16)
+    seq_index, upto = torch.tensor([3, 0], device=dev), torch.tensor([8, 2], device=dev)
+    E, D, I = 8, 64, 32
+    xm, gu, down = (torch.randn(*shape, device=dev, dtype=bf16) for shape in ((20, D), (E, 2 * I, D), (E, D, I)))
+    idx, wt = torch.randint(0, E, (20, 2), device=dev), torch.rand(20, 2, device=dev)
+    with use_backend("torch"), torch.no_grad(), no_cuda_sync():
+        causal_conv1d(x, w, initial_state=s, output_final_state=True, cu_seqlens=cu)
+        conv_state_at(x, s, cu, seq_index, upto, width=4)
+        moe_experts(xm, gu, down, idx, wt)

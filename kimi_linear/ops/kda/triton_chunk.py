@@ -66,7 +66,7 @@ class _Chunks:
 def _chunks(B: int, T: int, bounds: list[int] | None, size: int, device: torch.device) -> _Chunks:
     """The chunks of ``size`` tokens of each sequence (the last one of a sequence may be shorter): of B sequences
     of T tokens, built on the device; of packed sequences (``bounds``: their offsets as Python ints), built on the
-    host and sent in one copy. Neither reads a value from the device."""
+    host and sent in one asynchronous copy. Neither reads a value from the device or waits for it."""
     if bounds is None:
         per_seq = -(-T // size)
         cu = torch.arange(B + 1, dtype=torch.int32, device=device) * T
@@ -83,7 +83,12 @@ def _chunks(B: int, T: int, bounds: list[int] | None, size: int, device: torch.d
     seq = torch.repeat_interleave(torch.arange(counts.numel()), counts, output_size=total)
     local = (torch.arange(total) - offset[seq]) * size
     parts = (cu, cu[:-1][seq] + local, (lengths[seq] - local).clamp(max=size), offset)
-    return _Chunks(*torch.cat(parts).to(device=device, dtype=torch.int32).split([p.numel() for p in parts]))
+    table = torch.cat(parts).to(torch.int32)
+    if torch.device(device).type == "cuda":
+        # From pageable memory a copy to the GPU first waits for the stream (a host synchronisation); from pinned
+        # memory it is queued like a kernel. The caching host allocator keeps the buffer until the copy is done.
+        table = table.pin_memory().to(device, non_blocking=True)
+    return _Chunks(*table.split([p.numel() for p in parts]))
 
 
 def _block_v(V: int, seq_heads: int, min_programs: int = 264) -> int:
