@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, markdown_table, median_seconds, write_results  # noqa: E402
-from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
+from benchmarks.common import RESULTS, environment, markdown_table, median_seconds, random_model, write_results  # noqa: E402,E501
+from kimi_linear import KimiLinearConfig  # noqa: E402
 from kimi_linear.train.metrics import read_metrics  # noqa: E402
 from kimi_linear.train.trainer import TrainConfig, Trainer  # noqa: E402
 
@@ -107,7 +107,7 @@ def cost(args: argparse.Namespace) -> None:
     for attn_res in (None, 6):  # training step
         config = scaled_54_sublayers(attn_res, hidden, experts) if cuda else KimiLinearConfig.from_preset(
             "test", attn_res_block_size=attn_res)
-        model = KimiLinearForCausalLM(config).to(args.device, dtype).train()
+        model = random_model(config, args.device, dtype).train()
         x = torch.randint(0, 256, (args.train_batch, args.train_len if cuda else 64), device=args.device)
 
         def step(model=model, x=x):
@@ -120,8 +120,7 @@ def cost(args: argparse.Namespace) -> None:
     for preset in ("kimi-linear-48b-a3b", "kimi-linear-48b-a3b-attnres"):  # decode and prefill through the engine
         config = KimiLinearConfig.from_preset(preset) if cuda else KimiLinearConfig.from_preset(
             "test", attn_res_block_size=6 if preset.endswith("attnres") else None)
-        with torch.device(args.device):
-            model = KimiLinearForCausalLM(config).to(dtype).eval()
+        model = random_model(config, args.device, dtype)
         for batch in (1, 64) if cuda else (1, 2):
             context = 4096 if cuda else 64
             engine = LLMEngine(model, EngineConfig(SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=8192)))

@@ -102,3 +102,19 @@ def median_seconds(fn: Callable[[], object], warmup: int = 1, iters: int = 5) ->
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def random_model(config, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A model of ``config`` with random weights made directly on ``device`` in ``dtype`` (the 48B model fits one H200
+    in bf16 but not in fp32, nor twice); the KDA gate parameters stay fp32, as loading keeps them."""
+    from kimi_linear import KimiLinearForCausalLM
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = KimiLinearForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()

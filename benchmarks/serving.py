@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import copy_bandwidth_tbps, environment, markdown_table, write_results  # noqa: E402
+from benchmarks.common import copy_bandwidth_tbps, environment, markdown_table, random_model, write_results  # noqa: E402
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM  # noqa: E402
 from kimi_linear.cache import CachePool, cache_spec  # noqa: E402
 from kimi_linear.engine.cuda_graphs import DecodeGraphs  # noqa: E402
@@ -42,15 +42,7 @@ BLOCK = 64
 
 
 def build(config: KimiLinearConfig) -> KimiLinearForCausalLM:
-    """Random weights on the device (initialised there: the 48B model does not fit twice)."""
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = KimiLinearForCausalLM(config)
-    model = model.to(DTYPE).eval()
-    for name, p in model.named_parameters():
-        if name.endswith(("A_log", "dt_bias")):
-            p.data = p.data.float()
-    return model
+    return random_model(config, DEVICE, DTYPE)
 
 
 def all_mla(config: KimiLinearConfig) -> KimiLinearConfig:
