@@ -8,7 +8,7 @@ Two process groups over the same ranks:
   when a peer's process dies; NCCL's watchdog tears a process down when a collective times out).
 - ``control``: gloo, for rank 0's messages (:class:`Broadcast`). Between requests the other ranks wait in it as
   long as the server idles, hence a timeout of a year; a dead rank 0 still ends their wait at once (its sockets
-  close). On the CPU a message costs ~0.1 ms (2 loaded cores, 2 ranks, 32 KB buffer), against tens of ms per step.
+  close). On 2 shared CPU cores a message costs 0.1-0.5 ms with the load, against tens of ms per step.
 
 Failure: after any exception inside a step, the ranks' collectives may be out of step (one rank may wait in an
 all-reduce that the others will never join, or match it with the wrong one), so a group that failed is never used
@@ -45,8 +45,9 @@ class Broadcast:
     """Rank 0 → every other rank, one int64 tensor per message, in one collective: a buffer of ``capacity`` holds the
     length and the message. A longer message grows both sides' buffers to the next power of two (the first
     broadcast then carries only the length, a second one the message); they never shrink, so messages of a size
-    seen before take one broadcast again. Measured on 2 gloo ranks (loaded CPU): a 32 KB buffer 0.09 ms, a length
-    then a payload 0.15 ms, ``broadcast_object_list`` of a 4k-int list 0.4 ms."""
+    seen before take one broadcast again. One measurement on 2 gloo ranks (2 shared CPU cores), for a message of 4k
+    ints: this buffer (32 KB) 0.09 ms; a length then the payload (two broadcasts) 0.16 ms; ``broadcast_object_list``
+    of the list 0.4 ms (4.4 ms at 64k ints: pickling)."""
 
     def __init__(self, group: dist.ProcessGroup, capacity: int = 4096) -> None:
         self.group = group
@@ -105,7 +106,7 @@ class TensorParallelGroup:
             callback()
 
     def close(self) -> None:
-        """Destroy the process groups (idempotent; at the end, from the thread that ran the steps)."""
+        """Destroy the process groups (idempotent; once no step runs)."""
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -124,10 +125,11 @@ def init_group(rank: int, world: int, store: dist.Store, device: torch.device | 
     ``device``, gloo otherwise, and the gloo control group. On the CPU the rank takes its share of the cores."""
     device = torch.device(device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before NCCL binds to it
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=step_timeout))
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=step_timeout), device_id=device if cuda else None)
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     return TensorParallelGroup(rank, world, device, dist.group.WORLD, control, Broadcast(control))
