@@ -74,13 +74,13 @@ def start_group(world: int, load: Loader, *, device: str,
         yield group, model
     finally:
         closing.set()
-        if serving:
+        if serving:  # else the workers wait in a load or a collective that rank 0 will not join: terminate them
             try:
                 stop_workers(group)
             except Exception:  # a worker already gone: the joins below settle it
                 log.warning("could not tell the tensor-parallel workers to stop", exc_info=True)
-        for w in workers:
-            w.join(JOIN_TIMEOUT)
+            for w in workers:
+                w.join(JOIN_TIMEOUT)
         _terminate(workers)
         if group is not None:
             group.close()
@@ -113,7 +113,7 @@ def _worker_main(rank: int, world: int, port: int, load: Loader, device: torch.d
     group = init_group(rank, world, store, device, step_timeout=step_timeout)
     try:
         model = load(rank, world, group)
-        group.free_memory = group.min_free_memory()
+        group.min_free_memory()  # rank 0 sizes the pools by the fullest device
         run_worker(model, group)
     finally:
         group.close()
