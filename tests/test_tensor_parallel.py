@@ -21,12 +21,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 from serving_helpers import ROOT, save_model_dir, subprocess_env
 from test_engine import prompt, run
 
 from kimi_linear import KimiLinearConfig, KimiLinearForCausalLM
 from kimi_linear.cache import CachePool
-from kimi_linear.checkpoint import FP32_TENSORS
+from kimi_linear.checkpoint import FP32_TENSORS, CheckpointError
 from kimi_linear.engine import EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from kimi_linear.parallel.engine import TensorParallelEngine, run_worker, stop_workers
 from kimi_linear.parallel.group import TensorParallelError, init_group
@@ -270,6 +271,18 @@ def test_step_message_rebuilds_the_same_metadata():
     assert [(w.name, [i.tolist() for i in w.indices]) for w in step.writes] == \
         [("copy_slots", [[5], [4]]), ("fill_blocks", [[20, 21]])]
     assert step.writes[1].value != step.writes[1].value  # NaN
+
+
+def test_streaming_loader_names_what_the_checkpoint_lacks(tmp_path):
+    full_model("test").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.3.self_attn.kv_b_proj.weight"]
+    tensors["model.layers.1.self_attn.b_proj.weight"] = torch.zeros(3, 64)  # 3 heads do not split in 2
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as error:
+        load_shard(tmp_path, 1, WORLD, None, dtype=None, device="cpu")
+    assert "missing (1): model.layers.3.self_attn.kv_b_proj.weight" in str(error.value)
+    assert "model.layers.1.self_attn.b_proj.weight: a dim of 3 does not split" in str(error.value)
 
 
 # ---- two gloo ranks ---------------------------------------------------------------------------------------------

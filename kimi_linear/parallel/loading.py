@@ -1,10 +1,12 @@
 """Load one tensor-parallel rank's shard straight from a checkpoint directory, reading only its blocks.
 
 The 48B model is ~98 GB in bf16: no rank may load it whole. Each checkpoint tensor is opened lazily
-(``safe_open(...).get_slice``) and only the rank's block is read and copied to the device; the files are
-memory-mapped, so ranks on one host share the page cache. Routed experts are stored one matrix per expert
-(``experts.{j}.w1 / w3 / w2``): rank r reads rows ``[r I/W, (r+1) I/W)`` of each w1 and w3 (the halves of
-``gate_up_proj``'s dim 1) and those columns of each w2, then stacks them as the full loader does.
+(``safe_open(...).get_slice``) and only the rank's block is materialised, on the host one tensor at a time, then
+copied to the device. The files are memory-mapped, so the ranks of one host share the page cache; a row block is a
+contiguous range of its file, while a column block (``o_proj``, ``down_proj``, the experts' w2) still touches every
+page of its tensor. Routed experts are stored one matrix per expert (``experts.{j}.w1 / w3 / w2``): rank r reads
+rows ``[r I/W, (r+1) I/W)`` of each w1 and w3 (the halves of ``gate_up_proj``'s dim 1) and those columns of each
+w2, then stacks them as the full loader does.
 """
 
 from __future__ import annotations
