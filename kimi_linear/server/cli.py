@@ -13,6 +13,8 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help="split the model over N GPUs of this host (N processes; rank 0 serves HTTP)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port; the chosen one is printed)")
     parser.add_argument("--api-key", default=os.environ.get("KIMI_LINEAR_API_KEY"),

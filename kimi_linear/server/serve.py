@@ -6,6 +6,9 @@ seconds, aborts what is left (their clients get ``finish_reason: "abort"``), the
 exits with status 0. A second signal exits at once. uvicorn's own handler would close the socket first (new
 clients would see a refused connection rather than a 503) and re-raise the signal at exit (status -15 instead of
 0), hence :class:`DrainingServer`.
+
+``--tensor-parallel N`` runs the engine over N processes of this host, this one rank 0
+(:mod:`kimi_linear.parallel.serving`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from contextlib import nullcontext
 from types import FrameType
 
 import uvicorn
@@ -60,11 +64,18 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    engine, tokenizer, directory = load_engine(args)
-    name = args.served_model_name or os.path.basename(os.path.normpath(os.path.abspath(directory)))
-    app = build_app(AsyncEngine(engine), tokenizer, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                    model_root=os.path.abspath(directory), shutdown_timeout=args.shutdown_timeout)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
-                            timeout_graceful_shutdown=5, lifespan="on")
-    DrainingServer(config, app.state.ctx, args.shutdown_timeout).run()
+    if args.tensor_parallel != 1:
+        from kimi_linear.parallel.serving import tensor_parallel_engine
+
+        engines = tensor_parallel_engine(args)
+    else:
+        engines = nullcontext(load_engine(args))
+    with engines as (engine, tokenizer, directory):
+        name = args.served_model_name or os.path.basename(os.path.normpath(os.path.abspath(directory)))
+        app = build_app(AsyncEngine(engine), tokenizer, name, api_key=args.api_key,
+                        max_body_bytes=args.max_body_bytes, model_root=os.path.abspath(directory),
+                        shutdown_timeout=args.shutdown_timeout)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                access_log=args.access_log, timeout_graceful_shutdown=5, lifespan="on")
+        DrainingServer(config, app.state.ctx, args.shutdown_timeout).run()
     return 0
