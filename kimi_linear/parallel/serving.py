@@ -19,14 +19,14 @@ from contextlib import contextmanager
 import torch
 
 from kimi_linear.config import KimiLinearConfig
-from kimi_linear.engine import EngineConfig, LLMEngine, SchedulerConfig
+from kimi_linear.engine import LLMEngine
 from kimi_linear.errors import UserError
 from kimi_linear.parallel.engine import TensorParallelEngine
 from kimi_linear.parallel.group import TensorParallelGroup
 from kimi_linear.parallel.launch import start_group
 from kimi_linear.parallel.loading import load_shard
 from kimi_linear.parallel.tensor import tensor_parallel_config
-from kimi_linear.server.loading import _DTYPES, resolve_model_dir, tokenizer_for
+from kimi_linear.server.loading import engine_config, engine_options, model_tokenizer
 from kimi_linear.tokenizer import Tokenizer
 
 
@@ -41,28 +41,16 @@ def tensor_parallel_engine(args: argparse.Namespace) -> Iterator[tuple[LLMEngine
     """(engine, tokenizer, model directory) like ``load_engine``, over ``args.tensor_parallel`` ranks; the workers
     stop when the block exits."""
     world = args.tensor_parallel
-    directory = resolve_model_dir(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _DTYPES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
-    for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    directory, device, dtype = engine_options(args)
     tensor_parallel_config(KimiLinearConfig.from_pretrained(directory), world)  # sizes that do not split: say so now
     load = functools.partial(load_rank, directory=directory, dtype=dtype)
     with start_group(world, load, device=device) as (group, model):
-        tokenizer = tokenizer_for(directory, model.config.vocab_size)
-        if tokenizer.vocab_size > model.config.vocab_size + 2:  # as load_engine checks
-            raise UserError(f"the tokenizer of {directory} has {tokenizer.vocab_size} ids, more than the model's "
-                            f"vocabulary of {model.config.vocab_size}")
-        scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                    enable_prefix_caching=args.prefix_caching)
+        tokenizer, eos = model_tokenizer(directory, model.config)
         budget = args.memory_budget
         if budget is None and group.device.type == "cuda":  # the engine's default, over the fullest GPU
             budget = int(0.9 * group.free_memory)
-        config = EngineConfig(scheduler, max_model_len=args.max_model_len, memory_budget=budget, seed=args.seed)
-        eos = list(dict.fromkeys([*model.config.eos_token_ids, *tokenizer.stop_token_ids]))
-        engine = TensorParallelEngine(model, group, config, decode=tokenizer.decode, eos_token_ids=eos)
+        engine = TensorParallelEngine(model, group, engine_config(args, budget), decode=tokenizer.decode,
+                                      eos_token_ids=eos)
         group.on_abort.append(lambda: os.kill(os.getpid(), signal.SIGTERM))  # drain and stop the server
         yield engine, tokenizer, directory
     if group.failure is not None:

@@ -79,10 +79,8 @@ def tokenizer_for(directory: str, vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def load_engine(args: argparse.Namespace) -> tuple[LLMEngine, Tokenizer, str]:
-    """(engine, tokenizer, model directory) from the options of :func:`add_engine_arguments`."""
-    from kimi_linear.model import KimiLinearForCausalLM
-
+def engine_options(args: argparse.Namespace) -> tuple[str, str, torch.dtype]:
+    """(model directory, device, dtype) from the options of :func:`add_engine_arguments`, checked."""
     directory = resolve_model_dir(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _DTYPES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
@@ -90,15 +88,30 @@ def load_engine(args: argparse.Namespace) -> tuple[LLMEngine, Tokenizer, str]:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    model = KimiLinearForCausalLM.from_pretrained(directory, dtype=dtype, device=device).eval()
-    tokenizer = tokenizer_for(directory, model.config.vocab_size)
-    if tokenizer.vocab_size > model.config.vocab_size + 2:  # the released tokenizer has two ids above the embedding
+    return directory, device, dtype
+
+
+def model_tokenizer(directory: str, model_config) -> tuple[Tokenizer, list[int]]:
+    """The directory's tokenizer (checked against the model's vocabulary) and the ids that end a reply."""
+    tokenizer = tokenizer_for(directory, model_config.vocab_size)
+    if tokenizer.vocab_size > model_config.vocab_size + 2:  # the released tokenizer has two ids above the embedding
         raise UserError(f"the tokenizer of {directory} has {tokenizer.vocab_size} ids, more than the model's "
-                        f"vocabulary of {model.config.vocab_size}")
+                        f"vocabulary of {model_config.vocab_size}")
+    return tokenizer, list(dict.fromkeys([*model_config.eos_token_ids, *tokenizer.stop_token_ids]))
+
+
+def engine_config(args: argparse.Namespace, memory_budget: int | None) -> EngineConfig:
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 enable_prefix_caching=args.prefix_caching)
-    config = EngineConfig(scheduler, max_model_len=args.max_model_len, memory_budget=args.memory_budget,
-                          seed=args.seed)
-    eos = list(dict.fromkeys([*model.config.eos_token_ids, *tokenizer.stop_token_ids]))
-    engine = LLMEngine(model, config, decode=tokenizer.decode, eos_token_ids=eos)
+    return EngineConfig(scheduler, max_model_len=args.max_model_len, memory_budget=memory_budget, seed=args.seed)
+
+
+def load_engine(args: argparse.Namespace) -> tuple[LLMEngine, Tokenizer, str]:
+    """(engine, tokenizer, model directory) from the options of :func:`add_engine_arguments`."""
+    from kimi_linear.model import KimiLinearForCausalLM
+
+    directory, device, dtype = engine_options(args)
+    model = KimiLinearForCausalLM.from_pretrained(directory, dtype=dtype, device=device).eval()
+    tokenizer, eos = model_tokenizer(directory, model.config)
+    engine = LLMEngine(model, engine_config(args, args.memory_budget), decode=tokenizer.decode, eos_token_ids=eos)
     return engine, tokenizer, directory
