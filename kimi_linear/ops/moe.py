@@ -90,7 +90,9 @@ def moe_experts(
     """``y_n = sum_j weights[n, j] * Expert_{indices[n, j]}(x_n)`` with SwiGLU experts.
 
     x ``[N, D]``; gate_up_proj ``[E, 2I, D]`` (gate rows first, then up); down_proj ``[E, D, I]``;
-    indices, weights ``[N, k]``. Token copies are sorted by expert so each expert runs one matmul.
+    indices, weights ``[N, k]``. Token copies are sorted by expert so each expert runs one matmul; the k copies of a
+    token come back to their places and are summed in a fixed order (in fp32), not added by atomics, whose order
+    changes from run to run on a GPU: the same inputs give the same bits (graph replay, batch invariance).
     """
     N, k = indices.shape
     E = gate_up_proj.shape[0]
@@ -103,7 +105,8 @@ def moe_experts(
     gate, up = h.chunk(2, dim=-1)
     out = _grouped_linear(F.silu(gate) * up, down_proj, counts, offsets)
     out = out * weights.reshape(-1)[order, None].to(out.dtype)
-    return torch.zeros_like(x).index_put_((token,), out.to(x.dtype), accumulate=True)
+    copies = torch.empty_like(out).index_copy_(0, order, out)  # row n * k + j: copy j of token n
+    return copies.view(N, k, -1).float().sum(1).to(x.dtype)
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
